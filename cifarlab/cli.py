@@ -1,0 +1,277 @@
+"""Command line: a thin shell that turns flags into a RunConfig and calls the library.
+
+    cifarlab train --recipe resnet18-adam --data ../shared/datasets/cifar10-jpeg --epochs 5
+    cifarlab eval --checkpoint runs/<run>/best.pt --data ...
+    cifarlab predict --checkpoint runs/<run>/best.pt cat.png
+    cifarlab data show | data download | models | recipes | compare runs/a runs/b
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from cifarlab.config import (
+    ACCOUNTANTS, DEVICES, OPTIMIZERS, PAD_MODES, PRECISIONS, PREPROCESSORS, SCHEDULES, RunConfig, list_recipes,
+    load_recipe, merge,
+)  # fmt: skip
+from cifarlab.errors import CifarlabError, ConfigError
+
+# (flag, config key, type or choices, help). Every command that trains accepts all of these, spelled the same.
+_VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--data", "data.path", str, "dataset folder/archive (default: $CIFARLAB_DATA, else the download cache)"),
+    ("--dataset", "data.dataset", ("cifar10", "cifar100"), "which dataset to look for or download"),
+    ("--preprocess", "data.preprocess", PREPROCESSORS, "input preprocessing, fitted on the training split"),
+    ("--crop-padding", "data.crop_padding", int, "random crop with this padding (0: off)"),
+    ("--pad-mode", "data.pad_mode", PAD_MODES, "padding for the random crop"),
+    ("--translate", "data.translate", int, "random translation by up to this many pixels"),
+    ("--cutout", "data.cutout", int, "cutout square size (0: off)"),
+    ("--val-size", "data.val_size", int, "training images held out to select the best epoch"),
+    ("--train-subset", "data.train_subset", int, "use a stratified subset of N training images"),
+    ("--test-subset", "data.test_subset", int, "use a stratified subset of N test images"),
+    ("--classes", "data.classes", "int_list", "keep only these class indices, e.g. 0-4 or 0,3,5"),
+    ("--model", "model.name", str, "model name (see `cifarlab models`)"),
+    ("--optimizer", "optim.optimizer", OPTIMIZERS[:3], "optimizer"),
+    ("--lr", "optim.lr", float, "base learning rate"),
+    ("--momentum", "optim.momentum", float, "SGD momentum"),
+    ("--weight-decay", "optim.weight_decay", float, "weight decay (L2)"),
+    ("--schedule", "optim.schedule", SCHEDULES, "learning-rate schedule"),
+    ("--step-size", "optim.step_size", int, "epochs between lr drops (schedule step)"),
+    ("--gamma", "optim.gamma", float, "lr drop factor (step, multistep)"),
+    ("--milestones", "optim.milestones", "int_list", "epochs of lr drops (multistep), e.g. 100,200"),
+    ("--warmup-epochs", "optim.warmup_epochs", float, "linear warmup length in epochs"),
+    ("--label-smoothing", "optim.label_smoothing", float, "label smoothing"),
+    ("--grad-clip", "optim.grad_clip", float, "clip the global gradient norm"),
+    ("--epochs", "train.epochs", int, "training epochs"),
+    ("--batch-size", "train.batch_size", int, "training batch size"),
+    ("--eval-batch-size", "train.eval_batch_size", int, "evaluation batch size"),
+    ("--seed", "train.seed", int, "random seed (same seed, same numbers on CPU)"),
+    ("--device", "train.device", DEVICES, "where to train"),
+    ("--precision", "train.precision", PRECISIONS, "auto: bf16 autocast on CUDA"),
+    ("--out", "train.out", str, "run folder (default runs/<timestamp>-<model>)"),
+    ("--target-epsilon", "dp.target_epsilon", float, "DP: solve the noise multiplier for this epsilon"),
+    ("--noise-multiplier", "dp.noise_multiplier", float, "DP: noise multiplier sigma (epsilon is reported)"),
+    ("--delta", "dp.delta", float, "DP: delta (default 1e-5, must be < 1/N)"),
+    ("--max-grad-norm", "dp.max_grad_norm", float, "DP: per-sample clipping norm C"),
+    ("--accountant", "dp.accountant", ACCOUNTANTS, "DP: privacy accountant"),
+    ("--augmult", "dp.augmult", int, "DP: augmented views per example (De et al. 2022)"),
+    ("--ema", "dp.ema", float, "DP: parameter EMA decay used for evaluation"),
+    ("--physical-batch-size", "dp.physical_batch_size", int, "DP: micro-batch size bound"),
+]
+_SWITCH_FLAGS: list[tuple[str, str, str]] = [
+    ("--flip", "data.flip", "random horizontal flips"),
+    ("--download", "data.download", "download the dataset when no local copy is found"),
+    ("--nesterov", "optim.nesterov", "Nesterov momentum"),
+    ("--channels-last", "train.channels_last", "channels_last memory format (default: on CUDA)"),
+    ("--compile", "train.compile", "torch.compile the model"),
+    ("--progress", "train.progress", "show a progress bar"),
+    ("--dp", "dp.enabled", "train with DP-SGD (see --target-epsilon, --noise-multiplier)"),
+    ("--poisson", "dp.poisson", "DP: Poisson sampling (the guarantee assumes it)"),
+]
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", help="recipe name (see `cifarlab recipes`) or a YAML file, e.g. a run's config.yaml")
+    parser.add_argument("--resume", help="continue a killed run from its folder (or its last.pt)")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="model constructor argument")
+    for flag, key, kind, help_text in _VALUE_FLAGS:
+        if isinstance(kind, tuple):
+            parser.add_argument(flag, dest=key, choices=kind, help=help_text)
+        else:
+            parser.add_argument(flag, dest=key, type=_int_list if kind == "int_list" else kind, help=help_text)
+    for flag, key, help_text in _SWITCH_FLAGS:
+        parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Recipe (or defaults) overlaid with the flags the user gave, validated once."""
+    base = load_recipe(args.recipe) if args.recipe else {}
+    return RunConfig.from_dict(merge(base, _flag_overrides(args)), source=args.recipe or "flags")
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the flags given on the command line, as nested {section: {field: value}}."""
+    overrides: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".")
+            overrides.setdefault(section, {})[name] = value
+    for item in args.model_arg:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        overrides.setdefault("model", {}).setdefault("args", {})[name] = yaml.safe_load(value)
+    return overrides
+
+
+def _int_list(text: str) -> list[int]:
+    """'0-4' -> [0..4]; '5,6,9' -> [5, 6, 9]; mixed '0-2,7' works too."""
+    values: list[int] = []
+    try:
+        for part in text.split(","):
+            low, sep, high = part.partition("-")
+            values.extend(range(int(low), int(high) + 1) if sep else [int(low)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0-4 or 5,6,9, got {text!r}") from None
+    return values
+
+
+# --- commands ----------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from cifarlab.train.checkpoint import read_checkpoint
+    from cifarlab.train.run import run_training
+    from cifarlab.report.run_report import format_table
+
+    if args.resume:
+        # A resumed run is the saved run: only how long and where it runs may change.
+        resume = Path(args.resume)
+        saved = read_checkpoint(resume / "last.pt" if resume.is_dir() else resume)["config"]
+        overrides = _flag_overrides(args)
+        changed = {f"{section}.{name}" for section, values in overrides.items() for name in values}
+        not_allowed = sorted(changed - {"train.epochs", "train.device", "train.progress"})
+        if not_allowed or args.recipe:
+            raise ConfigError(
+                f"--resume continues the saved config; only --epochs, --device, --progress may change (got "
+                f"{', '.join(not_allowed) or '--recipe'})"
+            )
+        config = RunConfig.from_dict(merge(saved, overrides), source=str(resume))
+    else:
+        config = config_from_args(args)
+    result = run_training(config, resume=args.resume)
+    s = result.summary
+    print(f"\nrun folder: {result.run_dir}")
+    row = {
+        "model": s["model"],
+        "epochs": s["epochs"],
+        "best epoch": s["best_epoch"],
+        "val acc": _pct(s["val_accuracy"]),
+        "test acc": _pct(s["test_accuracy"]),
+        "train time": f"{s['train_seconds']:.0f} s",
+        "images/s": f"{s['images_per_second']:.0f}",
+        "device": s["device"],
+    }
+    print(format_table([row], list(row)))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from cifarlab.train.inference import evaluate_checkpoint
+    from cifarlab.report.run_report import format_table
+
+    report = evaluate_checkpoint(
+        args.checkpoint, data=args.data, test_subset=args.test_subset, device=args.device, out=args.out
+    )
+    rows = [{"class": c, "accuracy": _pct(a)} for c, a in report["per_class_accuracy"].items()]
+    print(format_table(rows, ["class", "accuracy"]))
+    print(f"test accuracy {_pct(report['test_accuracy'])}  loss {report['test_loss']:.4f}  ({report['test_images']} images)")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from cifarlab.train.inference import predict_files
+
+    for path, probabilities in predict_files(args.checkpoint, args.images, device=args.device):
+        ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])
+        top = ", ".join(f"{name} {p:.1%}" for name, p in ranked[: args.top])
+        print(f"{path}: {ranked[0][0]}  ({top})")
+
+
+def cmd_data_show(args: argparse.Namespace) -> None:
+    from cifarlab.report.samples import show_augmented
+
+    config = config_from_args(args)
+    path = show_augmented(config, count=args.count, out=Path(args.png))
+    print(f"wrote {path}")
+
+
+def cmd_data_download(args: argparse.Namespace) -> None:
+    from cifarlab.data.download import download_dataset
+
+    print(f"dataset ready at {download_dataset(args.name, cache_dir=args.cache_dir, url=args.url, md5=args.md5)}")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from cifarlab.models import describe_model, list_models
+
+    for name in list_models():
+        print(f"{name:18s} {describe_model(name)}")
+    print("torchvision:<name>, timm:<name>  any model of that package, when it is installed")
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    for name, description in list_recipes().items():
+        print(f"{name:22s} {description}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from cifarlab.report.run_report import compare_runs
+
+    print(compare_runs(args.runs, out=args.out))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifarlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable, help_text: str, parent=commands) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add_training_flags(command("train", cmd_train, "train a model; writes a run folder"))
+
+    sub = command("eval", cmd_eval, "evaluate a checkpoint on a test set")
+    sub.add_argument("--checkpoint", required=True, help="a best.pt/last.pt or a run folder")
+    sub.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
+    sub.add_argument("--test-subset", type=int, help="stratified subset of N test images")
+    sub.add_argument("--device", choices=DEVICES, default="auto")
+    sub.add_argument("--out", help="write the evaluation as JSON here")
+
+    sub = command("predict", cmd_predict, "classify image files with a checkpoint")
+    sub.add_argument("--checkpoint", required=True, help="a best.pt/last.pt or a run folder")
+    sub.add_argument("images", nargs="+", help="image files Pillow reads (resized to the model's input size)")
+    sub.add_argument("--top", type=int, default=3, help="how many classes to print")
+    sub.add_argument("--device", choices=DEVICES, default="auto")
+
+    data = command("data", None, "dataset tools").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    sub = command("show", cmd_data_show, "PNG grid of augmented training samples", parent=data)
+    add_training_flags(sub)
+    sub.add_argument("--count", type=int, default=32, help="how many images")
+    sub.add_argument("--png", default="samples.png", help="output PNG")
+    sub = command("download", cmd_data_download, "download a dataset to the cache (MD5 verified)", parent=data)
+    sub.add_argument("name", nargs="?", default="cifar10", choices=("cifar10", "cifar100", "cifar10-binary"))
+    sub.add_argument("--cache-dir", help="default: $CIFARLAB_CACHE or ~/.cache/cifarlab")
+    sub.add_argument("--url", help="mirror URL of the same archive")
+    sub.add_argument("--md5", help="MD5 of the mirror's archive (default: the official one)")
+
+    command("models", cmd_models, "list the registered models")
+    command("recipes", cmd_recipes, "list the recipes")
+    sub = command("compare", cmd_compare, "compare run folders: one table + overlaid curves PNG")
+    sub.add_argument("runs", nargs="+", help="run folders")
+    sub.add_argument("--out", default=".", help="folder for compare.png")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except CifarlabError as error:
+        print(f"cifarlab: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cifarlab: interrupted; the run folder keeps its last completed epoch (use --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

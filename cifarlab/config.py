@@ -1,0 +1,299 @@
+"""Typed run configuration: nested dataclasses, one per concern, validated once at the edge.
+
+A run is described by a `RunConfig`. It is built from a YAML recipe (`recipes/<name>.yaml`) plus command-line
+overrides, validated by `RunConfig.from_dict`, saved resolved as `config.yaml` in the run folder and inside every
+checkpoint, so `cifarlab train --recipe runs/x/config.yaml` (or `--resume`) rebuilds the same run.
+Inside the library, code reads plain values from these objects and never re-validates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cifarlab.errors import ConfigError
+from cifarlab.io import read_yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "sgld")
+SCHEDULES = ("constant", "step", "multistep", "cosine", "onecycle")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
+PAD_MODES = ("zero", "reflect")
+PREPROCESSORS = ("normalize", "mean", "zca", "gcn_zca", "none")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # None: $CIFARLAB_DATA, else the cache dir (downloading when allowed)
+    dataset: str = "cifar10"
+    download: bool = True
+    preprocess: str = "normalize"
+    crop_padding: int = 4
+    pad_mode: str = "zero"
+    translate: int = 0
+    flip: bool = True
+    cutout: int = 0
+    val_size: int = 0  # training images held out (stratified) to pick the best epoch
+    train_subset: int | None = None  # stratified subsets for quick runs
+    test_subset: int | None = None
+    classes: list[int] | None = None  # keep only these class indices (relabelled 0..k-1)
+
+    def validate(self) -> None:
+        _choice("data.preprocess", self.preprocess, PREPROCESSORS)
+        _choice("data.pad_mode", self.pad_mode, PAD_MODES)
+        for name in ("crop_padding", "translate", "cutout", "val_size"):
+            _at_least(f"data.{name}", getattr(self, name), 0)
+        for name in ("train_subset", "test_subset"):
+            if getattr(self, name) is not None:
+                _at_least(f"data.{name}", getattr(self, name), 1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18_cifar"
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model's constructor
+
+    def validate(self) -> None:
+        from cifarlab.models import list_models
+
+        if ":" not in self.name and self.name not in list_models():
+            raise ConfigError(f"unknown model {self.name!r}; valid: {', '.join(list_models())}")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_size: int = 30  # epochs between divisions by 1/gamma ("step")
+    gamma: float = 0.1
+    milestones: list[int] = field(default_factory=list)  # epochs ("multistep")
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global gradient norm
+
+    def validate(self) -> None:
+        _choice("optim.optimizer", self.optimizer, OPTIMIZERS)
+        _choice("optim.schedule", self.schedule, SCHEDULES)
+        _positive("optim.lr", self.lr)
+        _at_least("optim.weight_decay", self.weight_decay, 0)
+        _at_least("optim.warmup_epochs", self.warmup_epochs, 0)
+        _at_least("optim.step_size", self.step_size, 1)
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.grad_clip is not None:
+            _positive("optim.grad_clip", self.grad_clip)
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise ConfigError("optim.nesterov needs optimizer 'sgd' with momentum > 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    channels_last: bool | None = None  # None: on CUDA only
+    compile: bool = False  # torch.compile the model (GPU)
+    out: str | None = None  # run folder; default runs/<timestamp>-<model>
+    progress: bool = True
+
+    def validate(self) -> None:
+        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.batch_size", self.batch_size, 1)
+        _at_least("train.eval_batch_size", self.eval_batch_size, 1)
+        _choice("train.device", self.device, DEVICES)
+        _choice("train.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class DPConfig:
+    """DP-SGD (Abadi et al. 2016) through Opacus; see cifarlab.privacy."""
+
+    enabled: bool = False
+    target_epsilon: float | None = None  # solve for the noise multiplier ...
+    noise_multiplier: float | None = None  # ... or give it and get epsilon reported
+    delta: float | None = None  # None: 1e-5 (checked against 1/N)
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    poisson: bool = True  # the guarantee assumes Poisson sampling
+    augmult: int = 1  # augmented views per example, averaged before clipping (De et al. 2022)
+    ema: float | None = None  # parameter EMA decay for evaluation
+    physical_batch_size: int | None = None  # micro-batch bound for large logical batches
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        _choice("dp.accountant", self.accountant, ACCOUNTANTS)
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ConfigError("with --dp give exactly one of --target-epsilon or --noise-multiplier")
+        if self.target_epsilon is not None:
+            _positive("dp.target_epsilon", self.target_epsilon)
+        if self.noise_multiplier is not None:
+            _at_least("dp.noise_multiplier", self.noise_multiplier, 0)
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"dp.delta must be in (0, 1), got {self.delta}")
+        _positive("dp.max_grad_norm", self.max_grad_norm)
+        _at_least("dp.augmult", self.augmult, 1)
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ConfigError(f"dp.ema must be in (0, 1), got {self.ema}")
+        if self.physical_batch_size is not None:
+            _at_least("dp.physical_batch_size", self.physical_batch_size, 1)
+
+
+@dataclass
+class RunConfig:
+    recipe: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "RunConfig":
+        """Build and validate; unknown keys and wrong types raise ConfigError naming the key and `source`."""
+        config = _build(cls, values, prefix="", source=source)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for part in (self.data, self.model, self.optim, self.train, self.dp):
+            part.validate()
+        if self.optim.schedule == "multistep" and not self.optim.milestones:
+            raise ConfigError("optim.schedule 'multistep' needs optim.milestones (epochs)")
+        if self.optim.warmup_epochs >= self.train.epochs:
+            raise ConfigError(
+                f"optim.warmup_epochs ({self.optim.warmup_epochs}) must be below train.epochs ({self.train.epochs})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def list_recipes() -> dict[str, str]:
+    """Recipe name -> its one-line description (the YAML's `description` comment line)."""
+    recipes = {}
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        recipes[path.stem] = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+    return recipes
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A recipe by name (recipes/<name>.yaml) or by path to any YAML file (e.g. a run's config.yaml)."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown recipe {name_or_path!r}; valid: {', '.join(list_recipes())}")
+    elif not path.is_file():
+        raise ConfigError(f"recipe file {path} does not exist")
+    try:
+        values = read_yaml(path)
+    except Exception as error:  # yaml.YAMLError and decoding errors: say which file
+        raise ConfigError(f"recipe {path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections (data, model, optim, train, dp)")
+    values.setdefault("recipe", path.stem if path.parent == RECIPES_DIR else str(path))
+    return values
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recursively overlay `overrides` onto `base` (new dict; neither input is changed)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# --- building dataclasses from plain dicts, with type checks -------------------------------------------------
+
+
+def _build(cls: type, values: Any, *, prefix: str, source: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]}; valid: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, prefix=f"{prefix}{name}.", source=source)
+        else:
+            kwargs[name] = _coerce(value, hint, f"{source}: {prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a simple type hint (int/float/bool/str, Optional, list[int], dict)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (hint,) = [option for option in options if option is not type(None)]
+        return _coerce(value, hint, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, where) for v in value]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} at {where}")
+
+
+def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name} {value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")

@@ -1,0 +1,169 @@
+"""The batch pipeline: whole splits held as uint8 tensors on the device, augmented and normalised per batch.
+
+Why not torch.utils.data.DataLoader: CIFAR-10 is 150 MB as uint8, so it fits in (GPU) memory; indexing a resident
+tensor and augmenting the whole batch with tensor ops avoids per-sample Python, PIL and worker processes, which
+dominate the step time of small models (see benchmarks/pipeline_speed.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from cifarlab.config import DataConfig
+from cifarlab.data.augment import Augment
+from cifarlab.data.preprocess import Preprocessor, fit_preprocessor
+from cifarlab.data.sources import Dataset, Split, load_dataset, stratified_indices, stratified_split
+from cifarlab.errors import ConfigError
+
+
+class BatchLoader:
+    """Yields (x, y) batches: x (B, 3, H, W) float normalised, y (B,) int64, both on the images' device.
+
+    sampling: "shuffle" (a random permutation per epoch), "sequential" (evaluation order), or "poisson" (each
+    example joins each batch independently with probability batch_size / N, as DP-SGD's guarantee assumes;
+    batches then vary in size and may be empty). `views` > 1 yields each example's augmented views next to each
+    other: x is (B * views, ...) with rows [i * views, (i + 1) * views) the views of example i, and y repeats.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        *,
+        batch_size: int,
+        preprocess: Preprocessor,
+        augment: Augment | None = None,
+        sampling: str = "sequential",
+        views: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        if sampling not in ("shuffle", "sequential", "poisson"):
+            raise ConfigError(f"sampling {sampling!r} is not valid; choose shuffle, sequential or poisson")
+        if len(split.labels) == 0:
+            raise ConfigError("cannot build a loader over an empty split")
+        self.images, self.labels = split.images, split.labels
+        self.batch_size = batch_size
+        self.preprocess = preprocess
+        self.augment = augment
+        self.sampling = sampling
+        self.views = views
+        self.drop_last = drop_last
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def sample_rate(self) -> float:
+        return min(1.0, self.batch_size / self.num_examples)
+
+    def __len__(self) -> int:
+        """Batches per epoch (for Poisson sampling, the expected number: one pass over the data in expectation)."""
+        n, b = self.num_examples, self.batch_size
+        if self.sampling == "poisson":
+            return max(1, round(1 / self.sample_rate))
+        return n // b if self.drop_last and n >= b else -(-n // b)
+
+    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in self._indices(generator):
+            yield self.transform(self.images[index], generator), self.labels[index].repeat_interleave(self.views)
+
+    def transform(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float, augmented (`views` times per image) and normalised."""
+        x = images.float().div_(255)
+        if self.views > 1:
+            x = x.repeat_interleave(self.views, dim=0)
+        if self.augment is not None and not self.augment.is_identity:
+            x = self.augment(x, generator)
+        return self.preprocess(x)
+
+    def _indices(self, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+        n, device = self.num_examples, self.labels.device
+        if self.sampling == "poisson":
+            for _ in range(len(self)):
+                mask = torch.rand(n, generator=generator, device=device) < self.sample_rate
+                yield mask.nonzero().squeeze(1)
+            return
+        if self.sampling == "shuffle":
+            order = torch.randperm(n, generator=generator, device=device)
+        else:
+            order = torch.arange(n, device=device)
+        for batch in order.split(self.batch_size):
+            if self.drop_last and len(batch) < self.batch_size and n >= self.batch_size:
+                return
+            yield batch
+
+
+@dataclass
+class TrainData:
+    """Everything the engine needs from the data: loaders, the fitted preprocessing, class names."""
+
+    train: BatchLoader
+    evals: dict[str, BatchLoader]  # "val" (when held out) and "test"
+    preprocess: Preprocessor
+    classes: tuple[str, ...]
+    source: str
+
+
+def prepare_data(
+    config: DataConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    batch_size: int,
+    eval_batch_size: int,
+    sampling: str = "shuffle",
+    views: int = 1,
+    progress: bool = True,
+) -> TrainData:
+    """Load, subset, split and place the data on `device`; fit preprocessing on the training images only."""
+    dataset = load_dataset(config.path, name=config.dataset, download=config.download, progress=progress)
+    train, test, classes = select_classes(dataset, config.classes)
+    if config.train_subset is not None:
+        train = train.subset(stratified_indices(train.labels, config.train_subset, seed=seed))
+    if config.test_subset is not None:
+        test = test.subset(stratified_indices(test.labels, config.test_subset, seed=seed))
+    val = None
+    if config.val_size:
+        keep, held_out = stratified_split(train.labels, config.val_size, seed=seed)
+        train, val = train.subset(keep), train.subset(held_out)
+    preprocess = fit_preprocessor(config.preprocess, train.images).to(device)
+    augment = Augment(
+        crop_padding=config.crop_padding,
+        pad_mode=config.pad_mode,
+        translate=config.translate,
+        flip=config.flip,
+        cutout=config.cutout,
+    )
+
+    def on_device(split: Split) -> Split:
+        return Split(images=split.images.to(device), labels=split.labels.to(device))
+
+    train_loader = BatchLoader(
+        on_device(train), batch_size=batch_size, preprocess=preprocess, augment=augment, sampling=sampling, views=views
+    )
+    evals = {} if val is None else {"val": on_device(val)}
+    evals["test"] = on_device(test)
+    eval_loaders = {
+        name: BatchLoader(split, batch_size=eval_batch_size, preprocess=preprocess) for name, split in evals.items()
+    }
+    return TrainData(train_loader, eval_loaders, preprocess, classes, dataset.source)
+
+
+def select_classes(dataset: Dataset, keep: list[int] | None) -> tuple[Split, Split, tuple[str, ...]]:
+    """Keep only the listed class indices, relabelled 0..k-1 in the given order."""
+    if keep is None:
+        return dataset.train, dataset.test, dataset.classes
+    num_classes = len(dataset.classes)
+    bad = [c for c in keep if not 0 <= c < num_classes]
+    if bad or len(set(keep)) != len(keep):
+        raise ConfigError(f"data.classes {keep} must be distinct class indices in 0..{num_classes - 1}")
+    relabel = torch.full((num_classes,), -1, dtype=torch.int64)
+    relabel[torch.tensor(keep)] = torch.arange(len(keep))
+
+    def select(split: Split) -> Split:
+        mask = relabel[split.labels] >= 0
+        return Split(images=split.images[mask], labels=relabel[split.labels[mask]])
+
+    return select(dataset.train), select(dataset.test), tuple(dataset.classes[c] for c in keep)

@@ -1,0 +1,433 @@
+"""Load CIFAR-10/100 from any of its usual on-disk forms as uint8 tensors, decoding each source once.
+
+Layouts recognised at `path` itself or in one of its subfolders:
+
+    cifar-10-batches-py/   data_batch_1..5, test_batch, batches.meta            (official python version)
+    cifar-100-python/      train, test, meta                                    (official; fine labels)
+    cifar-10-batches-bin/  data_batch_1..5.bin, test_batch.bin, batches.meta.txt (official binary version)
+    *.tar.gz               an archive holding one of the above (e.g. cifar-10-python.tar.gz)
+    image folder           train/<class>/*, test/<class>/* (any image Pillow reads, all one size)
+
+Decoded arrays are cached in `<cache_dir>/decoded/<hash of the source path>.npz` together with a
+fingerprint of the source files (paths, sizes, mtimes); a changed source is decoded again. The cache
+never goes beside the source, so read-only or shared dataset folders stay untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import warnings
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from cifarlab.data.download import ARCHIVES, default_cache_dir, download_dataset, extract_archive
+from cifarlab.data.unpickle import load_pickle
+from cifarlab.errors import ConfigError, DataError
+from cifarlab.io import atomic_write
+
+NAMES = ("cifar10", "cifar100")
+_CACHE_VERSION = "1"  # bump when the decoded arrays change meaning
+_IMAGES_PER_TASK = 2000  # image-folder decoding: files per pool task; fewer files decode in-process
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: `images` (N, 3, H, W) uint8 on CPU, `labels` (N,) int64."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        images, labels = self.images, self.labels
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3 or images.device.type != "cpu":
+            raise ValueError(f"Split.images must be a CPU uint8 tensor (N, 3, H, W), got {images.dtype} {tuple(images.shape)} on {images.device}")
+        if labels.dtype != torch.int64 or labels.shape != (len(images),):
+            raise ValueError(f"Split.labels must be an int64 tensor ({len(images)},), got {labels.dtype} {tuple(labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Tensor) -> Split:
+        """The examples at `indices` (a new Split; this one is unchanged)."""
+        return Split(self.images[indices], self.labels[indices])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str  # "cifar10" or "cifar100"
+    classes: tuple[str, ...]  # class names in label order
+    train: Split
+    test: Split
+    source: str  # "<layout>:<path>", e.g. "image-folder:/data/cifar10-jpeg"; says which copy a number came from
+
+
+def load_dataset(
+    path: str | Path | None = None, *, name: str = "cifar10", cache_dir: str | Path | None = None,
+    download: bool = True, progress: bool = True, download_url: str | None = None,
+) -> Dataset:
+    """Load dataset `name` from `path` (else `$CIFARLAB_DATA`, else the cache dir).
+
+    `path` may be a folder or archive in one of the layouts above, or a parent folder holding one.
+    Only when neither `path` nor `$CIFARLAB_DATA` is given and the cache holds no copy is the
+    official archive downloaded into the cache (if `download`), from `download_url` when given
+    (a mirror of the official file: its MD5 is still checked). A wrong explicit path is an error,
+    never a download. `cache_dir` defaults to `default_cache_dir()`.
+    """
+    if name not in NAMES:
+        raise ConfigError(f"unknown dataset {name!r}; choose from {', '.join(NAMES)}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    location = path if path is not None else os.environ.get("CIFARLAB_DATA") or None
+    if location is not None:
+        source = _find(Path(location), name, any_archive=True)
+        if source is None:
+            raise DataError(_not_found(Path(location), name, "pass another path, or path=None to use the cache and download"))
+    else:
+        source = _find(cache_dir, name, any_archive=False) if cache_dir.is_dir() else None
+        if source is None:
+            if not download:
+                raise DataError(_not_found(cache_dir, name, "pass path=..., set $CIFARLAB_DATA, or allow download=True"))
+            folder = download_dataset(name, cache_dir=cache_dir, url=download_url, progress=progress)
+            source = (_layout(folder, any_archive=False), folder)
+    return _load(*source, name=name, cache_dir=cache_dir, progress=progress)
+
+
+# --- finding a source ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Format:
+    """One official CIFAR layout: its files and how to read them."""
+
+    dataset: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    meta: str
+    read_classes: Callable[[Path], list[str]]
+    read_batch: Callable[[Path, int], tuple[np.ndarray, np.ndarray]]  # (path, num_classes) -> images, labels
+
+
+def _pickle_classes(path: Path, *, key: bytes) -> list[str]:
+    meta = load_pickle(path)
+    names = meta.get(key) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
+        raise DataError(f"{path}: expected a dict with {key!r}: a list of class names")
+    return [n.decode() if isinstance(n, bytes) else n for n in names]
+
+
+def _pickle_batch(path: Path, num_classes: int, *, key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    batch = load_pickle(path)
+    if not isinstance(batch, dict) or b"data" not in batch or key not in batch:
+        raise DataError(f"{path}: expected a dict with b'data' and {key!r}")
+    data = batch[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: b'data' must be a uint8 array of shape (N, 3072), got {got}")
+    images = data.reshape(-1, 3, 32, 32)  # rows are 1024 red, 1024 green, 1024 blue values, row-major
+    return images, _check_labels(np.asarray(batch[key]), len(images), num_classes, path)
+
+
+def _text_classes(path: Path) -> list[str]:
+    names = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"{path}: expected one class name per line, found none")
+    return names
+
+
+def _binary_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % 3073:
+        raise DataError(f"{path}: {raw.size} bytes is not a whole number of 3073-byte records "
+                        "(1 label byte + 3072 pixel bytes); the file is truncated or not CIFAR-10 binary")
+    records = raw.reshape(-1, 3073)
+    images = np.ascontiguousarray(records[:, 1:]).reshape(-1, 3, 32, 32)
+    return images, _check_labels(records[:, 0], len(images), num_classes, path)
+
+
+def _check_labels(labels: np.ndarray, n: int, num_classes: int, path: Path) -> np.ndarray:
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: expected {n} integer labels, got {labels.dtype} {labels.shape}")
+    if n and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{path}: labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
+    return labels.astype(np.int64)
+
+
+_TRAIN10 = tuple(f"data_batch_{i}" for i in range(1, 6))
+_FORMATS: dict[str, _Format] = {
+    "cifar10-python": _Format("cifar10", _TRAIN10, ("test_batch",), "batches.meta",
+                              partial(_pickle_classes, key=b"label_names"), partial(_pickle_batch, key=b"labels")),
+    "cifar100-python": _Format("cifar100", ("train",), ("test",), "meta",
+                               partial(_pickle_classes, key=b"fine_label_names"), partial(_pickle_batch, key=b"fine_labels")),
+    "cifar10-binary": _Format("cifar10", tuple(f + ".bin" for f in _TRAIN10), ("test_batch.bin",), "batches.meta.txt",
+                              _text_classes, _binary_batch),
+}
+# Official archive file name -> the dataset it holds.
+_OFFICIAL_ARCHIVES = {Path(ARCHIVES[key].url).name: dataset
+                      for key, dataset in (("cifar10", "cifar10"), ("cifar100", "cifar100"), ("cifar10-binary", "cifar10"))}
+# When a parent holds several sources, the official arrays win over archives and lossy image folders.
+_PREFERENCE = (*_FORMATS, "archive", "image-folder")
+_LAYOUT_HELP = (
+    "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta); "
+    "cifar-100-python/ (train, test, meta); "
+    "cifar-10-batches-bin/ (data_batch_1..5.bin, test_batch.bin, batches.meta.txt); "
+    f"an archive of one of these ({', '.join(sorted(_OFFICIAL_ARCHIVES))}); "
+    "an image folder with train/<class>/* and test/<class>/*"
+)
+
+
+def _layout(path: Path, *, any_archive: bool) -> str | None:
+    """The layout of `path` itself, or None. Unofficial archive names count only when `any_archive`."""
+    if path.is_file():
+        is_tar = path.name.endswith((".tar.gz", ".tgz", ".tar"))
+        return "archive" if path.name in _OFFICIAL_ARCHIVES or (any_archive and is_tar) else None
+    if not path.is_dir():
+        return None
+    for layout, fmt in _FORMATS.items():
+        if any((path / f).is_file() for f in (fmt.meta, fmt.train[0], fmt.test[0])):
+            return layout
+    return "image-folder" if (path / "train").is_dir() or (path / "test").is_dir() else None
+
+
+def _dataset_of(layout: str, path: Path) -> str | None:
+    """The dataset a layout holds, None when it cannot tell (image folders, unofficial archives)."""
+    if layout in _FORMATS:
+        return _FORMATS[layout].dataset
+    return _OFFICIAL_ARCHIVES.get(path.name) if layout == "archive" else None
+
+
+def _find(root: Path, name: str, *, any_archive: bool) -> tuple[str, Path] | None:
+    """(layout, path) at `root` itself, else the preferred one among its subfolders holding `name`."""
+    own = _layout(root, any_archive=any_archive)
+    if own is not None:
+        return own, root
+    if not root.is_dir():
+        return None
+    found = []
+    for child in sorted(root.iterdir()):
+        layout = None if child.name.startswith(".") else _layout(child, any_archive=False)
+        if layout is not None and _dataset_of(layout, child) in (name, None):
+            found.append((_PREFERENCE.index(layout), layout, child))
+    if not found:
+        return None
+    best = min(found)[0]
+    tied = [child for rank, _, child in found if rank == best]
+    if len(tied) > 1:
+        raise DataError(f"{root} holds several {name} sources: {', '.join(c.name for c in tied)}; pass one of them as path")
+    return min(found)[1:]
+
+
+def _not_found(place: Path, name: str, hint: str) -> str:
+    where = f"{place} does not exist" if not place.exists() else f"nothing found in {place} or its subfolders"
+    return f"no {name} dataset: {where}. Accepted layouts: {_LAYOUT_HELP}. To fix: {hint}"
+
+
+# --- decoding with a cache ----------------------------------------------------------------------
+
+def _load(layout: str, path: Path, *, name: str, cache_dir: Path, progress: bool) -> Dataset:
+    path = path.resolve()
+    cache = cache_dir / "decoded" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:20]}.npz"
+    fingerprint = _fingerprint(path)
+    arrays = _read_cache(cache, fingerprint)
+    if arrays is None:
+        arrays = _decode(layout, path, name=name, cache_dir=cache_dir, progress=progress)
+        _write_cache(cache, arrays, fingerprint)
+    layout = str(arrays["layout"])  # an archive's content layout
+    held = _dataset_of(layout, path)
+    if held not in (name, None):
+        raise DataError(f"{path} holds {held} ({layout}), not {name}; pass name={held!r}")
+    return Dataset(
+        name=name,
+        classes=tuple(str(c) for c in arrays["classes"]),
+        train=Split(torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"])),
+        test=Split(torch.from_numpy(arrays["test_images"]), torch.from_numpy(arrays["test_labels"])),
+        source=f"{layout}:{path}",
+    )
+
+
+def _fingerprint(path: Path) -> str:
+    """Hash of every file's relative path, size and mtime under `path` (or of `path` itself)."""
+    digest = hashlib.sha256(_CACHE_VERSION.encode())
+    files = [path] if path.is_file() else sorted(Path(d) / f for d, _, fs in os.walk(path) for f in fs)
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_cache(cache: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["fingerprint"]) != fingerprint:
+                return None
+            return {k: z[k] for k in z.files if k != "fingerprint"}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # unreadable cache: decode again
+        return None
+
+
+def _write_cache(cache: Path, arrays: dict[str, np.ndarray], fingerprint: str) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, fingerprint=np.array(fingerprint), **arrays)
+
+    try:
+        atomic_write(cache, write)
+    except OSError as e:
+        warnings.warn(f"could not cache decoded arrays in {cache} ({e}); the next load decodes again")
+
+
+def _decode(layout: str, path: Path, *, name: str, cache_dir: Path, progress: bool) -> dict[str, np.ndarray]:
+    """Arrays train_images/labels, test_images/labels, classes, layout (images (N, 3, H, W) uint8)."""
+    if layout == "archive":
+        return _decode_archive(path, name=name, cache_dir=cache_dir, progress=progress)
+    if layout == "image-folder":
+        classes, (train_x, train_y), (test_x, test_y) = _decode_image_folder(path, progress=progress)
+    else:
+        fmt = _FORMATS[layout]
+        missing = [f for f in (*fmt.train, *fmt.test, fmt.meta) if not (path / f).is_file()]
+        if missing:
+            raise DataError(f"{path} ({layout}) lacks {', '.join(missing)}; "
+                            f"expected {', '.join((*fmt.train, *fmt.test, fmt.meta))}")
+        classes = fmt.read_classes(path / fmt.meta)
+        train_x, train_y = _concat([fmt.read_batch(path / f, len(classes)) for f in fmt.train])
+        test_x, test_y = _concat([fmt.read_batch(path / f, len(classes)) for f in fmt.test])
+    return {"train_images": train_x, "train_labels": train_y, "test_images": test_x, "test_labels": test_y,
+            "classes": np.array(classes), "layout": np.array(layout)}
+
+
+def _concat(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
+
+
+def _decode_archive(archive: Path, *, name: str, cache_dir: Path, progress: bool) -> dict[str, np.ndarray]:
+    # Extracted only for decoding, then deleted: the decoded cache is keyed on the archive itself.
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache_dir))
+    try:
+        extract_archive(archive, tmp)
+        inner = _find(tmp, name, any_archive=False)
+        if inner is None or inner[0] == "archive":
+            raise DataError(f"{archive} holds no dataset; accepted layouts: {_LAYOUT_HELP}")
+        return _decode(*inner, name=name, cache_dir=cache_dir, progress=progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _decode_image_folder(root: Path, *, progress: bool) -> tuple[list[str], tuple, tuple]:
+    """(classes, (train images, labels), (test images, labels)); classes = sorted folder names."""
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root}: missing split folder {split}/; an image folder needs train/<class>/* and test/<class>/*")
+    classes = {split: sorted(d.name for d in (root / split).iterdir() if d.is_dir() and not d.name.startswith("."))
+               for split in ("train", "test")}
+    if classes["train"] != classes["test"]:
+        only_train = sorted(set(classes["train"]) - set(classes["test"]))
+        only_test = sorted(set(classes["test"]) - set(classes["train"]))
+        raise DataError(f"{root}: train/ and test/ must have the same class folders; "
+                        f"only in train/: {only_train or 'none'}, only in test/: {only_test or 'none'}")
+    if not classes["train"]:
+        raise DataError(f"{root}: train/ and test/ hold no class folders")
+    files, labels = {}, {}
+    for split in ("train", "test"):
+        files[split], labels[split] = [], []
+        for label, cls in enumerate(classes["train"]):
+            found = sorted(str(f) for f in (root / split / cls).iterdir() if f.is_file() and not f.name.startswith("."))
+            if not found:
+                raise DataError(f"{root / split / cls}: empty class folder; every class needs at least one image")
+            files[split] += found
+            labels[split] += [label] * len(found)
+    n_train = len(files["train"])
+    images = _read_images(files["train"] + files["test"], progress=progress)
+    return (classes["train"], (images[:n_train], np.array(labels["train"], dtype=np.int64)),
+            (images[n_train:], np.array(labels["test"], dtype=np.int64)))
+
+
+def _read_images(paths: list[str], *, progress: bool) -> np.ndarray:
+    """Decode image files to one (N, 3, H, W) uint8 array; every image must have the first one's size."""
+    size = _read_image(paths[0]).shape[:2]
+    tasks = [paths[i:i + _IMAGES_PER_TASK] for i in range(0, len(paths), _IMAGES_PER_TASK)]
+    decode = partial(_decode_images, size=size)
+    chunks = []
+    with tqdm(total=len(paths), unit="img", desc="decoding images", disable=not progress) as bar:
+        if len(tasks) == 1:  # a pool costs more to start than a few hundred images take
+            chunks.append(decode(tasks[0]))
+            bar.update(len(paths))
+        else:
+            with ProcessPoolExecutor(max_workers=min(len(tasks), os.cpu_count() or 1)) as pool:
+                for chunk in pool.map(decode, tasks):
+                    chunks.append(chunk)
+                    bar.update(len(chunk))
+    return np.concatenate(chunks)
+
+
+def _decode_images(paths: list[str], *, size: tuple[int, int]) -> np.ndarray:
+    images = np.empty((len(paths), size[0], size[1], 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        image = _read_image(path)
+        if image.shape[:2] != size:
+            raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]} pixels, expected "
+                            f"{size[1]}x{size[0]} like the first image; all images must have one size")
+        images[i] = image
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
+
+
+def _read_image(path: str) -> np.ndarray:
+    """(H, W, 3) uint8; grayscale, palette and RGBA images are converted to RGB."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except Exception as e:  # Pillow signals broken files with OSError, SyntaxError, ValueError, ...
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+# --- subsets --------------------------------------------------------------------------------------
+
+def stratified_indices(labels: Tensor, n: int, *, seed: int) -> Tensor:
+    """`n` sorted indices drawn with equal counts per class as far as the classes allow.
+
+    Classes too small for an equal share give all they have; the rest is spread evenly over the
+    others, and the classes receiving one extra (when `n` does not divide) are drawn by `seed`.
+    """
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+    if not 0 <= n <= len(labels):
+        raise ConfigError(f"cannot draw {n} examples: only {len(labels)} exist")
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    # Water-filling: the largest per-class level `share` with sum(min(count, share)) <= n.
+    remaining, left, share = n, len(classes), 0
+    for count in counts.sort().values.tolist():
+        share = remaining // left
+        if count > share:
+            break
+        remaining, left = remaining - count, left - 1
+    quota = counts.clamp(max=share)
+    open_classes = (counts > share).nonzero().flatten()
+    extra = open_classes[torch.randperm(len(open_classes), generator=generator)[: n - int(quota.sum())]]
+    quota[extra] += 1
+    picked = []
+    for cls, q in zip(classes.tolist(), quota.tolist()):
+        members = (labels == cls).nonzero().flatten()
+        picked.append(members[torch.randperm(len(members), generator=generator)[:q]])
+    return torch.cat(picked).sort().values
+
+
+def stratified_split(labels: Tensor, n_holdout: int, *, seed: int) -> tuple[Tensor, Tensor]:
+    """(keep, holdout): sorted disjoint indices covering all examples; holdout is stratified."""
+    holdout = stratified_indices(labels, n_holdout, seed=seed)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[holdout] = False
+    return mask.nonzero().flatten(), holdout

@@ -1,0 +1,9 @@
+"""The model zoo: `create_model(name, num_classes=..., **kwargs)`, `list_models()`, `describe_model(name)`.
+
+Each family lives in its own module and registers its builders when imported below; the import
+list is the registry's table of contents.
+"""
+from cifarlab.models import cnn, preact_resnet, resnet, resnet_cifar, tutorial, vgg, wrn  # noqa: F401  (register)
+from cifarlab.models.registry import EXTERNAL_NOTE, create_model, describe_model, list_models, register_model
+
+__all__ = ["EXTERNAL_NOTE", "create_model", "describe_model", "list_models", "register_model"]

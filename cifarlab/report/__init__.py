@@ -1,0 +1,1 @@
+"""Run reports: metrics over confusion matrices, figures, report.md and run comparison."""

@@ -1,0 +1,59 @@
+"""Self-describing checkpoints: weights + resolved config + preprocessing + class names (+ resume state).
+
+Format: a dict of tensors and plain values written with torch.save and read back with
+`torch.load(weights_only=True)`, which refuses anything but tensors and primitive containers, so loading a
+checkpoint can never execute code. Writes are atomic: a killed run keeps its previous good checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifarlab.config import RunConfig
+from cifarlab.data.preprocess import Preprocessor
+from cifarlab.errors import CheckpointError
+from cifarlab.io import atomic_write
+from cifarlab.models import create_model
+
+FORMAT = "cifarlab-checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, **contents: Any) -> Path:
+    """Write {format, **contents} atomically. Expected keys: config, model_state, preprocess, classes, epoch."""
+    payload = {"format": FORMAT, **contents}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated files, other formats, pickles with code: all refused here
+        raise CheckpointError(f"{path} is not a readable cifarlab checkpoint: {error}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a cifarlab checkpoint (expected format {FORMAT!r})")
+    missing = {"config", "model_state", "preprocess", "classes"} - set(payload)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(sorted(missing))}")
+    return payload
+
+
+def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, Preprocessor, tuple[str, ...], RunConfig]:
+    """Rebuild the model (eval mode), its preprocessing and class names from a checkpoint file alone."""
+    payload = read_checkpoint(path)
+    config = RunConfig.from_dict(payload["config"], source=str(path))
+    classes = tuple(payload["classes"])
+    model = create_model(config.model.name, num_classes=len(classes), **config.model.args)
+    try:
+        model.load_state_dict(payload["model_state"])
+    except RuntimeError as error:
+        raise CheckpointError(f"weights in {path} do not fit model {config.model.name!r}: {error}") from None
+    preprocess = Preprocessor.from_state(payload["preprocess"])
+    return model.to(device).eval(), preprocess.to(device), classes, config

@@ -1,0 +1,92 @@
+"""`run_training(config)`: a whole run from a validated RunConfig to a finished run folder.
+
+Order: pick the device, seed, load data, build the model, (make it private), train with the one engine, then
+evaluate the best checkpoint on the test set and write summary.json, plots and report.md.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifarlab.config import RunConfig
+from cifarlab.data.loader import prepare_data
+from cifarlab.errors import CifarlabError
+from cifarlab.io import write_json, write_yaml
+from cifarlab.models import create_model
+from cifarlab.report.metrics import confusion_matrix, per_class_accuracy
+from cifarlab.report.run_report import write_run_report
+from cifarlab.train.checkpoint import read_checkpoint
+from cifarlab.train.engine import FitResult, autocast_for, evaluate, fit, resolve_device
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{config.model.name.replace(':', '-')}"
+
+
+def run_training(config: RunConfig, *, resume: str | Path | None = None) -> FitResult:
+    """Train per `config` into its run folder; `resume` is a run folder or last.pt of a killed run."""
+    payload = None
+    if resume is not None:
+        resume = Path(resume)
+        payload = read_checkpoint(resume / "last.pt" if resume.is_dir() else resume)
+        if "optimizer_state" not in payload:
+            raise CifarlabError(f"{resume} is a best-weights checkpoint; resume from the run's last.pt")
+        run_dir = (resume if resume.is_dir() else resume.parent).resolve()
+    else:
+        run_dir = Path(config.train.out) if config.train.out else default_run_dir(config)
+        if (run_dir / "last.pt").exists():
+            raise CifarlabError(f"{run_dir} already holds a run; pass --resume {run_dir} or choose another --out")
+    device = resolve_device(config.train.device)
+    torch.manual_seed(config.train.seed)
+    data = prepare_data(
+        config.data,
+        device=device,
+        seed=config.train.seed,
+        batch_size=config.train.batch_size,
+        eval_batch_size=config.train.eval_batch_size,
+        progress=config.train.progress,
+    )
+    model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_yaml(run_dir / "config.yaml", config.to_dict())
+
+    result = fit(model, data=data, config=config, run_dir=run_dir, resume=payload)
+    best = read_checkpoint(run_dir / "best.pt")
+    result.model.load_state_dict(best["model_state"])
+    result.summary = summarize(result, data=data, config=config, device=device, best_epoch=best["epoch"] + 1)
+    write_json(run_dir / "summary.json", result.summary)
+    write_run_report(run_dir)
+    return result
+
+
+def summarize(result: FitResult, *, data, config: RunConfig, device: torch.device, best_epoch: int) -> dict[str, Any]:
+    """The run's headline numbers, measured on the best checkpoint (best validation epoch when there is a val set)."""
+    test = evaluate(result.model, data.evals["test"], autocast=autocast_for(device, config.train.precision))
+    cm = confusion_matrix(test.predictions, test.targets, len(data.classes))
+    best_row = result.history[best_epoch - 1]
+    return {
+        "model": config.model.name,
+        "recipe": config.recipe,
+        "test_accuracy": test.accuracy,
+        "test_loss": test.loss,
+        "best_epoch": best_epoch,
+        "selected_by": result.summary["selection"],
+        "val_accuracy": best_row.get("val_acc"),
+        "final_test_accuracy": result.history[-1]["test_acc"],
+        "per_class_accuracy": dict(zip(data.classes, per_class_accuracy(cm).tolist())),
+        "epochs": len(result.history),
+        "train_seconds": result.summary["train_seconds"],
+        "images_per_second": result.summary["images_per_second"],
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "num_parameters": sum(p.numel() for p in result.model.parameters()),
+        "train_images": data.train.num_examples,
+        "test_images": len(test.targets),
+        "data_source": data.source,
+        "classes": list(data.classes),
+        "confusion_matrix": cm.tolist(),
+        "torch_version": torch.__version__,
+    }

@@ -1,0 +1,36 @@
+"""Shared fixtures: the JPEG copy of CIFAR-10 beside the checkout, and a small real subset of it."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+JPEG_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg"
+
+
+@pytest.fixture(scope="session")
+def jpeg_root() -> Path:
+    if not (JPEG_ROOT / "train").is_dir():
+        pytest.skip(f"the JPEG copy of CIFAR-10 is not at {JPEG_ROOT}")
+    return JPEG_ROOT
+
+
+@pytest.fixture(scope="session")
+def small_cifar(jpeg_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image-folder copy with 100 training and 20 test images per class (1,200 real images)."""
+    root = tmp_path_factory.mktemp("cifar-small")
+    for split, count in (("train", 100), ("test", 20)):
+        for class_dir in sorted((jpeg_root / split).iterdir()):
+            target = root / split / class_dir.name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                shutil.copy(image, target / image.name)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded-data caches go to a temporary folder, never to the user's ~/.cache."""
+    monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.delenv("CIFARLAB_DATA", raising=False)

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from cifarlab.config import RECIPES_DIR, RunConfig, list_recipes, load_recipe, merge
+from cifarlab.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip():
+    config = RunConfig.from_dict({})
+    assert RunConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_every_recipe_is_valid_and_documented(name):
+    config = RunConfig.from_dict(load_recipe(name), source=name)
+    assert config.recipe == name
+    assert list_recipes()[name], f"recipe {name} needs a description comment on its first line"
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("optim: {lr: 1e-3}\n")
+    assert RunConfig.from_dict(load_recipe(str(path))).optim.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"optim": {"optimizer": "rmsprop"}}, "optim.optimizer 'rmsprop' is not valid; choose one of: sgd, adam"),
+        ({"optim": {"lr": -1}}, "optim.lr must be > 0"),
+        ({"train": {"epochs": "ten"}}, "train.epochs must be an integer"),
+        ({"train": {"epoch": 3}}, "unknown key train.epoch; valid:"),
+        ({"model": {"name": "resnet19"}}, "unknown model 'resnet19'; valid: cnn"),
+        ({"data": {"pad_mode": "edge"}}, "data.pad_mode 'edge' is not valid; choose one of: zero, reflect"),
+        ({"optim": {"schedule": "multistep"}}, "needs optim.milestones"),
+        ({"optim": {"warmup_epochs": 5}, "train": {"epochs": 5}}, "warmup_epochs (5.0) must be below train.epochs"),
+        ({"dp": {"enabled": True}}, "exactly one of --target-epsilon or --noise-multiplier"),
+        ({"dp": {"enabled": True, "noise_multiplier": 1.0, "delta": 2.0}}, "dp.delta must be in (0, 1)"),
+        ({"optim": {"optimizer": "adam", "nesterov": True}}, "nesterov needs optimizer 'sgd'"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(values, message):
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict(values)
+    assert message in str(error.value)
+
+
+def test_unknown_recipe_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'; valid: .*tutorial"):
+        load_recipe("nope")
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        load_recipe(str(path))
+
+
+def test_merge_overlays_without_mutating_inputs():
+    base = {"optim": {"lr": 0.1, "momentum": 0.9}, "model": {"name": "wrn", "args": {"depth": 16}}}
+    overrides = {"optim": {"lr": 0.01}, "model": {"args": {"width": 4}}}
+    merged = merge(base, overrides)
+    assert merged == {"optim": {"lr": 0.01, "momentum": 0.9}, "model": {"name": "wrn", "args": {"depth": 16, "width": 4}}}
+    assert base["optim"]["lr"] == 0.1 and "width" not in base["model"]["args"]
+
+
+def test_recipes_dir_is_the_repository_folder():
+    assert RECIPES_DIR == Path(__file__).resolve().parents[1] / "recipes"
