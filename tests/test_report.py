@@ -26,8 +26,9 @@ def make_run(root: Path, name: str, *, test_accuracy: float = 0.9341, val: bool 
     """A tiny fake run folder as the training engine writes it."""
     run = root / name
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(
-        {"model": {"name": "cnn"}, "train": {"epochs": epochs, "lr": 0.1, "batch_size": 128}, "seed": 0}))
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "recipe": None, "model": {"name": "cnn", "args": {"width": 32}}, "optim": {"lr": 0.1, "nesterov": False},
+        "train": {"epochs": epochs, "batch_size": 128}, "dp": {"enabled": epsilon, "max_grad_norm": 1.0}}))
     columns = COLUMNS + (["epsilon"] if epsilon else [])
     with open(run / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -153,13 +154,16 @@ def test_write_run_report(tmp_path):
     assert "93.41%" in text  # test accuracy
     assert "81.25%" in text  # val accuracy
     assert "| dog | 10 | 70.00% |" in text
-    assert "| train.lr | 0.1 |" in text
+    assert "| optim.lr | 0.1 |" in text and "| model.args.width | 32 |" in text
+    assert "| dp.max_grad_norm | 1.0 |" in text  # DP settings show only when DP was on
+    assert "recipe" not in text and "nesterov" not in text  # None values and minor settings are left out
     assert "final epsilon | 2" in text
     assert "12m34s" in text
     assert "![training curves](curves.png)" in text
     assert_png(run / "curves.png")
     assert_png(run / "confusion.png")
-    write_run_report(run)  # re-creating over existing files works
+    plain = write_run_report(make_run(tmp_path, "plain")).read_text()
+    assert "dp." not in plain and "epsilon" not in plain
 
 
 def test_format_table_aligns_columns():

@@ -3,6 +3,7 @@ into the cache: resumable HTTP download, MD5 check, safe tar extraction."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -70,7 +71,7 @@ def _fetch(url: str, part: Path, *, progress: bool) -> None:
             part.unlink()
             return _fetch(url, part, progress=progress)
         raise DataError(f"cannot download {url}: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, OSError) as e:
+    except OSError as e:  # includes URLError: refused, unreachable, unknown host, timeout
         raise DataError(f"cannot download {url}: {getattr(e, 'reason', e)}") from e
     with response:
         # A server that ignores Range answers 200 with the whole file: restart instead of appending.
@@ -81,12 +82,17 @@ def _fetch(url: str, part: Path, *, progress: bool) -> None:
             total=done + length or None, initial=done, unit="B", unit_scale=True,
             desc=Path(url).name, disable=not progress,
         ) as bar:
+            received = 0
             try:
                 while chunk := response.read(_CHUNK):
                     f.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
-            except OSError as e:
+            except (OSError, http.client.HTTPException) as e:
                 raise DataError(f"download of {url} was interrupted ({e}); run again to resume from {part}") from e
+    # http.client ends a body cut short by a dropped connection silently: compare with Content-Length.
+    if received < length:
+        raise DataError(f"download of {url} was interrupted after {received} of {length} bytes; run again to resume from {part}")
 
 
 def _md5(path: Path) -> str:

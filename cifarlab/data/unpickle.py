@@ -15,13 +15,15 @@ import numpy as np
 
 from cifarlab.errors import DataError
 
-# numpy pickles an array as `_reconstruct(ndarray, shape, dtype)` + state; the module holding
-# `_reconstruct` is `numpy.core.multiarray` in the official files and `numpy._core.multiarray`
-# when numpy >= 2 writes. `_codecs.encode` is how Python 3 writes bytes under protocol 2.
-_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(0))[0]
+# numpy pickles an array as `_reconstruct(ndarray, shape, dtype)` + state (protocols <= 4) or
+# `_frombuffer(buffer, dtype, shape, order)` (protocol 5); their modules are `numpy.core.*` in the
+# official files and `numpy._core.*` when numpy >= 2 writes. `_codecs.encode` is how Python 3
+# writes bytes under protocol 2. None of these can run code.
+_RECONSTRUCT = np.zeros(0).__reduce_ex__(2)[0]
+_FROMBUFFER = np.zeros(0).__reduce_ex__(5)[0]
 _ALLOWED: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _RECONSTRUCT for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _FROMBUFFER for core in ("core", "_core")},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): codecs.encode,

@@ -3,7 +3,8 @@
 Each family lives in its own module and registers its builders when imported below; the import
 list is the registry's table of contents.
 """
-from cifarlab.models import cnn, preact_resnet, resnet, resnet_cifar, tutorial, vgg, wrn  # noqa: F401  (register)
+# Importing a family module registers its models.
+from cifarlab.models import cnn, preact_resnet, resnet, resnet_cifar, tutorial, vgg, wrn  # noqa: F401
 from cifarlab.models.registry import EXTERNAL_NOTE, create_model, describe_model, list_models, register_model
 
 __all__ = ["EXTERNAL_NOTE", "create_model", "describe_model", "list_models", "register_model"]

@@ -28,6 +28,13 @@ class CifarModel(nn.Module):
         return self.get_classifier()(self.forward_features(x))
 
 
+def check_int(value: int, *, name: str, minimum: int = 1) -> int:
+    """`value` if it is an integer >= `minimum`, else ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return value
+
+
 def check_dropout(p: float, *, name: str = "dropout") -> float:
     """`p` if it is a valid dropout probability, else ConfigError."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:

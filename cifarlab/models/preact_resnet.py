@@ -20,10 +20,10 @@ class PreActResNet(CifarModel):
     def __init__(self, *, num_classes: int) -> None:
         super().__init__()
         self.conv1 = make_conv(3, 64, 3)
-        stages = []
-        for in_ch, out_ch, stride in ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)):
-            stages.append(nn.Sequential(PreActBlock(in_ch, out_ch, stride=stride), PreActBlock(out_ch, out_ch)))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.layer1 = _stage(64, 64, stride=1)
+        self.layer2 = _stage(64, 128, stride=2)
+        self.layer3 = _stage(128, 256, stride=2)
+        self.layer4 = _stage(256, 512, stride=2)
         self.bn = nn.BatchNorm2d(512)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512, num_classes)
@@ -33,6 +33,10 @@ class PreActResNet(CifarModel):
         x = self.conv1(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.avgpool(F.relu(self.bn(x))).flatten(1)  # (B, 512)
+
+
+def _stage(in_ch: int, out_ch: int, *, stride: int) -> nn.Sequential:
+    return nn.Sequential(PreActBlock(in_ch, out_ch, stride=stride), PreActBlock(out_ch, out_ch))
 
 
 @register_model

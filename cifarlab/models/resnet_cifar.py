@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cifarlab.errors import ConfigError
-from cifarlab.models.layers import BasicBlock, CifarModel, he_init_, make_conv
+from cifarlab.models.layers import BasicBlock, CifarModel, check_int, he_init_, make_conv
 from cifarlab.models.registry import register_model
 
 FINAL_SURVIVAL_PROB = 0.5  # p_L of Huang et al. 2016
@@ -41,20 +41,14 @@ class CifarResNet(CifarModel):
         super().__init__()
         n = (depth - 2) // 6
         num_blocks = 3 * n
+        probs = [1 - block / num_blocks * (1 - FINAL_SURVIVAL_PROB) if stochastic_depth else 1.0
+                 for block in range(1, num_blocks + 1)]  # survival probability of block l = 1..L
         self.conv1 = make_conv(3, 16, 3)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
-        blocks: list[nn.Module] = []
-        in_ch = 16
-        for out_ch in (16, 32, 64):
-            for i in range(n):
-                stride = 2 if out_ch != in_ch else 1
-                index = len(blocks) + 1  # l in 1..L
-                survival = 1 - index / num_blocks * (1 - FINAL_SURVIVAL_PROB) if stochastic_depth else 1.0
-                shortcut = PadShortcut(out_ch - in_ch) if stride != 1 else None
-                blocks.append(BasicBlock(in_ch, out_ch, stride=stride, downsample=shortcut, survival_prob=survival))
-                in_ch = out_ch
-        self.layer1, self.layer2, self.layer3 = (nn.Sequential(*blocks[i * n:(i + 1) * n]) for i in range(3))
+        self.layer1 = _stage(16, 16, survival_probs=probs[:n])
+        self.layer2 = _stage(16, 32, survival_probs=probs[n:2 * n])
+        self.layer3 = _stage(32, 64, survival_probs=probs[2 * n:])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
         he_init_(self)
@@ -65,9 +59,16 @@ class CifarResNet(CifarModel):
         return self.avgpool(x).flatten(1)  # (B, 64)
 
 
+def _stage(in_ch: int, out_ch: int, *, survival_probs: list[float]) -> nn.Sequential:
+    stride, shortcut = (2, PadShortcut(out_ch - in_ch)) if out_ch != in_ch else (1, None)
+    blocks = [BasicBlock(in_ch, out_ch, stride=stride, downsample=shortcut, survival_prob=survival_probs[0])]
+    blocks += [BasicBlock(out_ch, out_ch, survival_prob=p) for p in survival_probs[1:]]
+    return nn.Sequential(*blocks)
+
+
 @register_model
 def resnet(*, num_classes: int = 10, depth: int = 20, stochastic_depth: bool = False) -> CifarResNet:
     """CIFAR ResNet of He et al. 2016 (depth 6n+2, 16-32-64 channels), optional stochastic depth."""
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise ConfigError(f"resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...); got {depth!r}")
+    if (check_int(depth, name="resnet depth") - 2) % 6 or depth < 8:
+        raise ConfigError(f"resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, 110, ...); got {depth}")
     return CifarResNet(depth=depth, stochastic_depth=bool(stochastic_depth), num_classes=num_classes)

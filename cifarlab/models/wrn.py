@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cifarlab.errors import ConfigError
-from cifarlab.models.layers import CifarModel, PreActBlock, check_dropout, he_init_, make_conv, make_norm
+from cifarlab.models.layers import (CifarModel, PreActBlock, check_dropout, check_int, he_init_, make_conv,
+                                    make_norm)
 from cifarlab.models.registry import register_model
 
 
@@ -26,7 +27,8 @@ class WideResNet(CifarModel):
                  weight_standardization: bool, num_classes: int) -> None:
         super().__init__()
         n = (depth - 4) // 6
-        block_args = dict(dropout=dropout, norm=norm, groups=groups, weight_standardization=weight_standardization)
+        block_args = dict(dropout=dropout, norm=norm, groups=groups,
+                          weight_standardization=weight_standardization)
         self.conv1 = make_conv(3, 16, 3, weight_standardization=weight_standardization)
         stages = []
         in_ch = 16
@@ -50,11 +52,8 @@ class WideResNet(CifarModel):
 def wrn(*, num_classes: int = 10, depth: int = 16, width: int = 4, dropout: float = 0.0, norm: str = "batch",
         groups: int = 16, weight_standardization: bool = False) -> WideResNet:
     """Wide ResNet WRN-depth-width (Zagoruyko & Komodakis 2016); GroupNorm + WS option for DP."""
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-        raise ConfigError(f"wrn depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...); got {depth!r}")
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ConfigError(f"wrn width must be a positive integer; got {width!r}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ConfigError(f"wrn groups must be a positive integer; got {groups!r}")
+    if (check_int(depth, name="wrn depth") - 4) % 6 or depth < 10:
+        raise ConfigError(f"wrn depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...); got {depth}")
+    width, groups = check_int(width, name="wrn width"), check_int(groups, name="wrn groups")
     return WideResNet(depth=depth, width=width, dropout=check_dropout(dropout), norm=norm, groups=groups,
                       weight_standardization=bool(weight_standardization), num_classes=num_classes)

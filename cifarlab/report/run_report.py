@@ -20,10 +20,13 @@ SUMMARY_KEYS = ("model", "test_accuracy", "best_epoch", "val_accuracy", "per_cla
                 "train_seconds", "images_per_second", "device", "num_parameters", "classes", "confusion_matrix")
 STANDARD_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
                     "epoch_seconds", "images_per_second")
-# Config leaves worth a glance in report.md; the full resolved config is linked next to them.
-HIGHLIGHT_KEYS = ("dataset", "model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-                  "nesterov", "schedule", "scheduler", "warmup_epochs", "label_smoothing", "augment",
-                  "val_size", "seed", "noise_multiplier", "max_grad_norm", "target_epsilon", "delta", "method")
+# Settings (dotted keys of the resolved RunConfig; a key also covers its sub-keys) worth a glance in report.md;
+# the full config is linked next to them. A section whose `enabled` is false is left out.
+HIGHLIGHT_KEYS = ("recipe", "data.dataset", "data.val_size", "data.train_subset", "data.crop_padding",
+                  "data.flip", "data.cutout", "model.name", "model.args", "optim.optimizer", "optim.lr",
+                  "optim.momentum", "optim.weight_decay", "optim.schedule", "optim.warmup_epochs",
+                  "optim.label_smoothing", "train.epochs", "train.batch_size", "train.seed", "train.precision",
+                  "dp.target_epsilon", "dp.noise_multiplier", "dp.delta", "dp.max_grad_norm", "dp.augmult")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float | int | None]]:
@@ -66,6 +69,8 @@ def write_run_report(run_dir: str | Path) -> Path:
         config = read_yaml(config_path) or {}
     except yaml.YAMLError as e:
         raise CifarlabError(f"{config_path} is not valid YAML: {e}") from None
+    if not isinstance(config, Mapping):
+        raise CifarlabError(f"{config_path} must hold a mapping of settings, found {type(config).__name__}")
     plot_curves(rows, run_dir / "curves.png", title=f"{summary['model']} ({run_dir.name})")
     plot_confusion(torch.tensor(summary["confusion_matrix"]), summary["classes"], run_dir / "confusion.png")
     return write_text(run_dir / "report.md", _report_markdown(run_dir.name, summary, config, rows))
@@ -185,8 +190,11 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 def _report_markdown(name: str, summary: Mapping[str, Any], config: Mapping[str, Any],
                      rows: Sequence[Mapping[str, Any]]) -> str:
-    highlights = [(key, value) for key, value in _flatten(config).items()
-                  if key.rsplit(".", 1)[-1] in HIGHLIGHT_KEYS]
+    flat = _flatten(config)
+    disabled = {key.rsplit(".", 1)[0] for key, value in flat.items() if key.endswith(".enabled") and value is False}
+    highlights = [(key, value) for key, value in flat.items()
+                  if value is not None and key.split(".", 1)[0] not in disabled
+                  and any(key == h or key.startswith(f"{h}.") for h in HIGHLIGHT_KEYS)]
     results = [
         ("test accuracy", _percent(summary["test_accuracy"])),
         ("val accuracy", _percent(summary["val_accuracy"])),

@@ -1,0 +1,140 @@
+"""Features of a frozen backbone, and the identity of the backbone that made them.
+
+Pipeline per batch: uint8 -> float in [0, 1] -> (bilinear resize) -> Preprocessor -> network,
+read at `forward_features` (penultimate layer) or at a named layer through a forward hook.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cifarlab.data.preprocess import Preprocessor
+from cifarlab.errors import CheckpointError, ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """Which network, read where and how, produced a set of features. Features from two
+    backbones live in different spaces, so a classifier state only accepts its own."""
+
+    model: str
+    model_args: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""          # sha256 of the weights and the preprocessing (see `fingerprint`)
+    layer: str | None = None       # None: forward_features
+    input_size: int | None = None  # images resized to input_size x input_size first; None: as stored
+    image_size: int = 32           # side of the stored images (a folder of new images is read at it)
+    checkpoint: str | None = None  # where to rebuild the network from (not part of the identity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "model_args": dict(self.model_args), "fingerprint": self.fingerprint,
+                "layer": self.layer, "input_size": self.input_size, "image_size": self.image_size,
+                "checkpoint": self.checkpoint}
+
+    def describe(self) -> str:
+        where = f"layer {self.layer!r}" if self.layer else "forward_features"
+        size = f", input {self.input_size}px" if self.input_size else ""
+        return f"{self.model} {self.model_args} at {where}{size}, weights {self.fingerprint[:12]}"
+
+
+def check_same_backbone(expected: Backbone, actual: Backbone) -> None:
+    """CheckpointError unless both describe the same network, layer and input size."""
+    def identity(b: Backbone) -> tuple:
+        return b.model, sorted(b.model_args.items()), b.fingerprint, b.layer, b.input_size, b.image_size
+
+    if identity(expected) != identity(actual):
+        raise CheckpointError(f"the classifier state was built on backbone [{expected.describe()}] but these "
+                              f"features come from [{actual.describe()}]; use the state's own backbone "
+                              f"checkpoint ({expected.checkpoint}) or build a new state")
+
+
+def fingerprint(model: nn.Module, preprocess: Preprocessor) -> str:
+    """sha256 over every weight/buffer and the preprocessing, in a fixed order: any change to
+    either changes the features, so it changes the fingerprint."""
+    digest = hashlib.sha256()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"preprocess.{k}": v for k, v in preprocess.state().items() if isinstance(v, Tensor)})
+    digest.update(preprocess.kind.encode())
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def describe_backbone(model: nn.Module, preprocess: Preprocessor, *, layer: str | None = None,
+                      input_size: int | None = None, image_size: int = 32,
+                      checkpoint: str | None = None) -> Backbone:
+    """The Backbone record of a cifarlab model (built by create_model, so it knows its name and args)."""
+    return Backbone(model=getattr(model, "model_name", type(model).__name__),
+                    model_args=dict(getattr(model, "model_args", {})), fingerprint=fingerprint(model, preprocess),
+                    layer=layer, input_size=input_size, image_size=image_size, checkpoint=checkpoint)
+
+
+class _Captured(Exception):
+    """Raised by the hook to carry the layer's output out and skip the rest of the network."""
+
+    def __init__(self, output: Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+
+def _stop_with_output(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+    raise _Captured(output)
+
+
+def _find_layer(model: nn.Module, layer: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if layer not in modules or layer == "":
+        names = [name for name in modules if name]
+        raise ConfigError(f"model has no layer {layer!r}; layers: {', '.join(names[:40])}"
+                          f"{' ...' if len(names) > 40 else ''}")
+    return modules[layer]
+
+
+def _pool(output: Tensor) -> Tensor:
+    """(B, C, H, W) maps -> (B, C) by global average pooling, as Lee et al. 2018 do for inner layers."""
+    return output.mean(dim=(2, 3)) if output.dim() == 4 else output.flatten(1)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, images: Tensor, *, preprocess: Preprocessor, layer: str | None = None,
+                     input_size: int | None = None, batch_size: int = 500) -> Tensor:
+    """Features (N, D) float32 on CPU of uint8 images (N, 3, H, W), the model in eval mode.
+
+    The model and preprocess stay where they are (their device is used); the model's
+    train/eval mode is restored afterwards.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise DataError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    device = next(model.parameters()).device
+    target = _find_layer(model, layer) if layer else None
+    was_training = model.training
+    model.eval()
+    handle = target.register_forward_hook(_stop_with_output) if target is not None else None
+    features = []
+    try:
+        for chunk in images.split(batch_size):
+            x = chunk.to(device).float().div_(255)
+            if input_size is not None and x.shape[-1] != input_size:
+                x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False,
+                                  antialias=input_size < x.shape[-1])
+            x = preprocess(x)
+            if target is None:
+                out = model.forward_features(x)
+            else:
+                try:
+                    model(x)
+                    raise ConfigError(f"layer {layer!r} was not called in the forward pass")
+                except _Captured as captured:
+                    out = captured.output
+            features.append(_pool(out).float().cpu())
+    finally:
+        model.train(was_training)
+        if handle is not None:
+            handle.remove()
+    return torch.cat(features)

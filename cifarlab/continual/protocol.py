@@ -1,0 +1,313 @@
+"""The class-incremental protocol of Lee et al. (NeurIPS 2018): a backbone trained on base classes
+only, then frozen; new classes arrive in groups with only their own training images; after every
+step every method is scored on the whole test set.
+
+    run = train_base(config, base_classes=[0, 1, 2, 3, 4])        # the one engine, 5-way head
+    summary = run_protocol(run, ProtocolOptions(order=(5, 6, 7, 8, 9)))
+
+Methods are the Gaussian classifiers of `classifiers.METHODS` plus three baselines:
+`linear-head` (the backbone's own head: base classes only), `finetune` (naive fine-tuning of the
+whole network + a widened head on each new group alone: catastrophic forgetting, the lower bound)
+and `joint` (training on all learned classes at once: the upper bound, one full training).
+Writes to the output folder: summary.json, accuracy_per_step.png, confusion_<method>.png
+(after the last step) and state.pt (the final classifier state, for `add_class_from_folder`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cifarlab.config import RunConfig, merge
+from cifarlab.continual.classifiers import METHODS, MethodOptions, fit
+from cifarlab.continual.features import describe_backbone, extract_features
+from cifarlab.continual.metrics import auroc, average_incremental_accuracy, forgetting, seen_accuracy
+from cifarlab.continual.plots import plot_accuracy_per_step
+from cifarlab.continual.state import ContinualState, save_state
+from cifarlab.data.loader import BatchLoader, TrainData
+from cifarlab.data.preprocess import Preprocessor
+from cifarlab.data.sources import Dataset, Split, load_dataset
+from cifarlab.errors import ConfigError, DataError
+from cifarlab.io import write_json
+from cifarlab.report.metrics import accuracy, confusion_matrix, per_class_accuracy
+from cifarlab.report.plots import plot_confusion
+from cifarlab.train.checkpoint import load_model
+from cifarlab.train import engine
+from cifarlab.train.run import run_training
+
+BASELINES = ("linear-head", "finetune", "joint")
+
+
+@dataclass(frozen=True)
+class ProtocolOptions:
+    """How the increments arrive and what is measured.
+
+    order: dataset class indices of the increments (default: the classes not in the base, in
+    index order); group_size: classes per increment; layer/input_size: where features are read
+    and at what input size (see features.extract_features; the baselines train at the base run's
+    own input size); finetune_epochs: epochs per increment of the `finetune` baseline (0: skip);
+    joint: also train the `joint` upper bound; data: dataset path (default: the base run's).
+    """
+
+    order: tuple[int, ...] | None = None
+    group_size: int = 1
+    methods: tuple[str, ...] = tuple(METHODS)
+    method_options: MethodOptions = field(default_factory=MethodOptions)
+    layer: str | None = None
+    input_size: int | None = None
+    finetune_epochs: int = 1
+    joint: bool = False
+    data: str | None = None
+    device: str = "auto"
+    batch_size: int = 500
+    out: str | None = None  # default: <base run>/continual
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ConfigError(f"unknown continual method(s) {unknown or '(none given)'}; valid: {', '.join(METHODS)}")
+        for name, low in (("group_size", 1), ("finetune_epochs", 0), ("batch_size", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.input_size is not None and self.input_size < 8:
+            raise ConfigError(f"input_size must be >= 8 pixels, got {self.input_size}")
+
+
+def plan_steps(base: Sequence[int], order: Sequence[int] | None, *, classes: Sequence[str],
+               group_size: int) -> list[list[int]]:
+    """[base, first group, second group, ...] as dataset class indices, after checking them."""
+    order = [c for c in range(len(classes)) if c not in base] if order is None else list(order)
+    for c in order:
+        if not 0 <= c < len(classes):
+            raise ConfigError(f"increment class {c} does not exist; valid: 0..{len(classes) - 1}")
+        if c in base:
+            raise ConfigError(f"increment class {c} ({classes[c]}) is already learned: it is a base class")
+    if len(set(order)) != len(order):
+        raise ConfigError(f"increment order {order} repeats a class; each class is learned once")
+    return [list(base)] + [order[i:i + group_size] for i in range(0, len(order), group_size)]
+
+
+def step_metrics(predictions: Tensor, targets: Tensor, seen: Tensor, novelty: Tensor) -> dict[str, Any]:
+    """Scores of one method after one step over the whole test set: confusion matrix (rows = true
+    class, all classes), per-class and overall accuracy, and the AUROC of `novelty` for flagging
+    test images of classes not learned yet (`seen`: (K,) bool over dataset classes)."""
+    cm = confusion_matrix(predictions, targets, len(seen))
+    return {"confusion_matrix": cm, "per_class_accuracy": per_class_accuracy(cm), "accuracy": accuracy(cm),
+            "novelty_auroc": auroc(novelty, ~seen[targets])}
+
+
+def summarize_method(steps: Sequence[dict[str, Any] | None], seen: Tensor) -> dict[str, Any]:
+    """Per-step lists (None where the method did not run) and the accuracy-matrix metrics."""
+    measured = [i for i, step in enumerate(steps) if step is not None]
+    acc = torch.stack([steps[i]["per_class_accuracy"] for i in measured])  # (S', K)
+    seen_acc = seen_accuracy(acc, seen[measured]).tolist()
+    every_step = len(measured) == len(steps)
+
+    def per_step(values: Sequence[float]) -> list[float | None]:
+        by_step = dict(zip(measured, values))
+        return [_finite(by_step[i]) if i in by_step else None for i in range(len(steps))]
+
+    return {
+        "final_accuracy": steps[-1]["accuracy"] if steps[-1] is not None else None,
+        "accuracy_per_step": per_step([steps[i]["accuracy"] for i in measured]),
+        "seen_accuracy_per_step": per_step(seen_acc),
+        "novelty_auroc_per_step": per_step([steps[i]["novelty_auroc"] for i in measured]),
+        "average_incremental_accuracy": average_incremental_accuracy(acc, seen[measured]) if every_step else None,
+        "forgetting": _finite(forgetting(acc, seen[measured])) if every_step else None,
+        "per_class_accuracy": [[_finite(v) for v in row] for row in acc.tolist()],
+        "confusion_matrices": [steps[i]["confusion_matrix"].tolist() for i in measured],
+    }
+
+
+def train_base(config: RunConfig, base_classes: Sequence[int]) -> Path:
+    """Train the backbone on `base_classes` only (relabelled 0..k-1, a k-way head) with the one
+    engine; returns the run folder."""
+    if len(base_classes) < 2:
+        raise ConfigError(f"need at least 2 base classes to train a backbone, got {list(base_classes)}")
+    return run_training(_override(config, {"data": {"classes": list(base_classes)}})).run_dir
+
+
+def run_continual(config: RunConfig, base_classes: Sequence[int],
+                  options: ProtocolOptions = ProtocolOptions()) -> dict[str, Any]:
+    """Base training then the protocol on the new run: `cifarlab continual --recipe ... --base-classes`."""
+    return run_protocol(train_base(config, base_classes), options)
+
+
+def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) -> dict[str, Any]:
+    """The protocol on a trained base run (its folder or checkpoint); returns and writes summary.json."""
+    checkpoint = Path(run) / "best.pt" if Path(run).is_dir() else Path(run)
+    device = engine.resolve_device(options.device)
+    model, preprocess, base_names, config = load_model(checkpoint, device=device)
+    dataset = load_dataset(options.data or config.data.path, name=config.data.dataset,
+                           download=config.data.download, progress=options.progress)
+    base = _base_classes(config, dataset, base_names, checkpoint)
+    steps = plan_steps(base, options.order, classes=dataset.classes, group_size=options.group_size)
+    out = Path(options.out) if options.out else checkpoint.parent / "continual"
+    say = print if options.progress else (lambda *_: None)
+    num_classes = len(dataset.classes)
+    image_size = dataset.train.images.shape[-1]
+    backbone = describe_backbone(model, preprocess, layer=options.layer, input_size=options.input_size,
+                                 image_size=image_size, checkpoint=str(checkpoint.resolve()))
+    extract = partial(extract_features, preprocess=preprocess, layer=options.layer,
+                      input_size=options.input_size, batch_size=options.batch_size)
+    logits_of = partial(_logits, preprocess=preprocess, input_size=options.input_size, batch_size=options.batch_size)
+
+    start = time.perf_counter()
+    test_features, targets = extract(model, dataset.test.images), dataset.test.labels
+    say(f"test features {tuple(test_features.shape)} in {time.perf_counter() - start:.1f} s")
+    head_logits = logits_of(model, dataset.test.images)
+    baselines = ["linear-head"] + (["finetune"] if options.finetune_epochs else [])
+    log: dict[str, list[dict[str, Any] | None]] = {name: [] for name in (*options.methods, *baselines)}
+    state = ContinualState.empty(backbone, test_features.shape[1])
+    tuned, learned, timings = model, [], []
+    seen = torch.zeros(len(steps), num_classes, dtype=torch.bool)
+    for step, group in enumerate(steps):
+        for c in group:
+            start = time.perf_counter()
+            images = dataset.train.images[dataset.train.labels == c]
+            state = state.add_class(dataset.classes[c], extract(model, images).split(options.batch_size),
+                                    backbone=backbone)
+            timings.append({"class": dataset.classes[c], "images": len(images),
+                            "seconds": time.perf_counter() - start})
+        learned += group
+        seen[step, learned] = True
+        ids = torch.tensor(learned)  # classifier output index -> dataset class
+        for name in options.methods:
+            clf = fit(name, state.stats, options.method_options)
+            log[name].append(step_metrics(ids[clf.predict(test_features)], targets, seen[step],
+                                          clf.novelty(test_features)))
+        log["linear-head"].append(_head_metrics(head_logits, ids[:len(base)], targets, seen[step]))
+        if options.finetune_epochs:
+            if step > 0:
+                tuned = _finetune(tuned, dataset, group, learned, config=config, preprocess=preprocess,
+                                  epochs=options.finetune_epochs)
+            log["finetune"].append(_head_metrics(logits_of(tuned, dataset.test.images), ids, targets, seen[step]))
+        say(f"step {step}: +{[dataset.classes[c] for c in group]} -> "
+            + ", ".join(f"{name} {log[name][-1]['accuracy']:.1%}" for name in log))
+    if options.joint:
+        joint, joint_preprocess = _train_joint(config, learned, names=[dataset.classes[c] for c in learned],
+                                               data=options.data, out=out / "joint", device=device)
+        joint_logits = _logits(joint, dataset.test.images, preprocess=joint_preprocess,
+                               input_size=options.input_size, batch_size=options.batch_size)
+        log["joint"] = [None] * (len(steps) - 1) + [_head_metrics(joint_logits, ids, targets, seen[-1])]
+
+    state_path = save_state(out / "state.pt", state)
+    summary = {
+        "base_run": str(checkpoint.parent),
+        "checkpoint": str(checkpoint),
+        "data": dataset.source,
+        "backbone": backbone.to_dict(),
+        "classes": list(dataset.classes),
+        "base_classes": list(base),
+        "steps": [[dataset.classes[c] for c in group] for group in steps],
+        "classes_learned_per_step": [int(row.sum()) for row in seen],
+        "method_options": asdict(options.method_options),
+        "feature_dim": test_features.shape[1],
+        "seconds_to_add_class": timings,
+        "state": str(state_path),
+        "methods": {name: summarize_method(steps_log, seen) for name, steps_log in log.items()},
+    }
+    write_json(out / "summary.json", summary)
+    plot_accuracy_per_step(summary["methods"], summary["classes_learned_per_step"], out / "accuracy_per_step.png",
+                           title=f"{backbone.model}: base {len(base)} classes, then {len(steps) - 1} increments")
+    for name, result in summary["methods"].items():
+        plot_confusion(torch.tensor(result["confusion_matrices"][-1]), dataset.classes, out / f"confusion_{name}.png")
+    say(f"wrote {out / 'summary.json'}")
+    return summary
+
+
+def _override(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    return RunConfig.from_dict(merge(config.to_dict(), overrides), source="continual")
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else value  # JSON has no NaN
+
+
+def _base_classes(config: RunConfig, dataset: Dataset, base_names: Sequence[str], checkpoint: Path) -> list[int]:
+    base = config.data.classes
+    if base is None:
+        raise ConfigError(f"{checkpoint} was trained on all classes; continual learning needs a backbone trained "
+                          f"on base classes only (train it with --classes 0-4, or use --base-classes)")
+    if [dataset.classes[c] for c in base] != list(base_names):
+        raise DataError(f"{dataset.source} names classes {[dataset.classes[c] for c in base]} where the base run "
+                        f"learned {list(base_names)}; pass the dataset the run was trained on")
+    return list(base)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, images: Tensor, *, preprocess: Preprocessor, input_size: int | None,
+            batch_size: int) -> Tensor:
+    """The model's own head on its penultimate features: (N, outputs) on CPU."""
+    features = extract_features(model, images, preprocess=preprocess, input_size=input_size, batch_size=batch_size)
+    head = model.get_classifier()
+    return head(features.to(head.weight.device)).float().cpu()
+
+
+def _head_metrics(logits: Tensor, ids: Tensor, targets: Tensor, seen: Tensor) -> dict[str, Any]:
+    """Metrics of a softmax head whose output j is dataset class ids[j]; its novelty score is
+    the negative max softmax probability (Hendrycks & Gimpel, ICLR 2017)."""
+    return step_metrics(ids[logits.argmax(1)], targets, seen, -logits.softmax(1).max(1).values)
+
+
+def _widen_head(model: nn.Module, outputs: int) -> nn.Module:
+    """A copy of `model` whose final Linear has `outputs` rows, the old rows kept."""
+    model = copy.deepcopy(model)
+    old = model.get_classifier()
+    path = next(name for name, module in model.named_modules() if module is old)
+    parent_name, _, attr = path.rpartition(".")
+    new = nn.Linear(old.in_features, outputs, bias=old.bias is not None).to(old.weight.device)
+    with torch.no_grad():
+        new.weight[:old.out_features] = old.weight
+        if old.bias is not None:
+            new.bias[:old.out_features] = old.bias
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return model
+
+
+def _finetune(model: nn.Module, dataset: Dataset, group: Sequence[int], learned: Sequence[int], *,
+              config: RunConfig, preprocess: Preprocessor, epochs: int) -> nn.Module:
+    """Naive fine-tuning: the whole network + a head widened to every learned class, trained with
+    the base run's optimizer on the new group's images only (no augmentation, no old data)."""
+    model = _widen_head(model, len(learned))
+    device = next(model.parameters()).device
+    relabel = torch.full((len(dataset.classes),), -1, dtype=torch.int64)
+    relabel[torch.tensor(list(learned))] = torch.arange(len(learned))
+
+    def new_group(split: Split) -> Split:
+        mask = torch.isin(split.labels, torch.tensor(list(group)))
+        return Split(split.images[mask].to(device), relabel[split.labels[mask]].to(device))
+
+    settings = _override(config, {"train": {"epochs": epochs, "progress": False, "out": None, "compile": False},
+                                  "optim": {"warmup_epochs": 0.0}})
+    data = TrainData(
+        train=BatchLoader(new_group(dataset.train), batch_size=config.train.batch_size, preprocess=preprocess,
+                          sampling="shuffle"),
+        evals={"test": BatchLoader(new_group(dataset.test), batch_size=config.train.eval_batch_size,
+                                   preprocess=preprocess)},
+        preprocess=preprocess, classes=tuple(dataset.classes[c] for c in learned), source=dataset.source)
+    return engine.fit(model, data=data, config=settings).model
+
+
+def _train_joint(config: RunConfig, classes: Sequence[int], *, names: Sequence[str], data: str | None, out: Path,
+                 device: torch.device) -> tuple[nn.Module, Preprocessor]:
+    """The upper bound: the base run's recipe trained on every learned class at once; a finished
+    joint run already in `out` (same classes) is reused rather than trained again."""
+    if not (out / "summary.json").is_file():
+        overrides: dict[str, Any] = {"train": {"out": str(out)}}
+        if data is not None:
+            overrides["data"] = {"path": data}
+        train_base(_override(config, overrides), classes)
+    model, preprocess, joint_classes, _ = load_model(out / "best.pt", device=device)
+    if list(joint_classes) != list(names):
+        raise ConfigError(f"{out} holds a joint run over {list(joint_classes)}, not {list(names)}; "
+                          f"remove it or choose another --out")
+    return model, preprocess

@@ -1,0 +1,134 @@
+"""The classifier state on disk: learned statistics + class names + the backbone's identity.
+
+Format: a dict of plain values and tensors written atomically with torch.save and read with
+`torch.load(weights_only=True)`, so loading a state never runs code. Operations return a new
+state and save it only once everything succeeded, so bad input leaves the file as it was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from cifarlab.continual.features import Backbone, check_same_backbone, describe_backbone, extract_features
+from cifarlab.continual.stats import ClassStats, FeatureStats, StreamStats
+from cifarlab.errors import CheckpointError, ConfigError, DataError
+from cifarlab.io import atomic_write
+from cifarlab.train.checkpoint import load_model
+from cifarlab.train.engine import resolve_device
+from cifarlab.train.inference import read_image
+
+FORMAT = "cifarlab-continual-state/1"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ContinualState:
+    backbone: Backbone
+    stats: FeatureStats
+
+    @classmethod
+    def empty(cls, backbone: Backbone, dim: int) -> ContinualState:
+        return cls(backbone, FeatureStats.empty(dim))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.stats.classes
+
+    def add_class(self, name: str, batches: Iterable[Tensor], *, backbone: Backbone) -> ContinualState:
+        """A new state that also knows class `name`, from features made by `backbone`."""
+        check_same_backbone(self.backbone, backbone)
+        return ContinualState(self.backbone, self.stats.add_class(name, batches))
+
+
+def state_to_dict(state: ContinualState) -> dict[str, Any]:
+    stats = state.stats
+    per_class = stats.per_class
+    dim = stats.dim
+    return {
+        "format": FORMAT,
+        "backbone": state.backbone.to_dict(),
+        "classes": list(stats.classes),
+        "counts": torch.tensor([c.count for c in per_class], dtype=torch.int64),
+        "sums": torch.stack([c.sum for c in per_class]) if per_class else torch.zeros(0, dim, dtype=torch.float64),
+        "scatters": (torch.stack([c.scatter for c in per_class]) if per_class
+                     else torch.zeros(0, dim, dim, dtype=torch.float64)),
+        "stream_updates": stats.stream.updates,
+        "stream_scatter": stats.stream.scatter,
+    }
+
+
+def state_from_dict(payload: Any, *, source: str = "state") -> ContinualState:
+    """Validate a loaded dict and rebuild the state; CheckpointError naming what is wrong."""
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{source} is not a cifarlab continual state (expected format {FORMAT!r})")
+    try:
+        backbone = Backbone(**payload["backbone"])
+        classes, counts = list(payload["classes"]), payload["counts"]
+        sums, scatters, stream_scatter = payload["sums"], payload["scatters"], payload["stream_scatter"]
+        dim, n = stream_scatter.shape[0], len(classes)
+        shapes_ok = (counts.shape == (n,) and sums.shape == (n, dim) and scatters.shape == (n, dim, dim)
+                     and stream_scatter.shape == (dim, dim) and all(isinstance(c, str) for c in classes)
+                     and len(set(classes)) == n and bool((counts > 0).all()))
+        updates = int(payload["stream_updates"])
+    except (KeyError, TypeError, AttributeError, IndexError) as error:
+        raise CheckpointError(f"{source} is a damaged continual state: {error!r}") from None
+    if not shapes_ok:
+        raise CheckpointError(f"{source} is a damaged continual state: inconsistent classes/statistics shapes")
+    per_class = tuple(ClassStats(count=int(c), sum=s.double(), scatter=m.double())
+                      for c, s, m in zip(counts, sums, scatters))
+    stats = FeatureStats(classes=tuple(classes), per_class=per_class,
+                         stream=StreamStats(updates=updates, scatter=stream_scatter.double()))
+    return ContinualState(backbone, stats)
+
+
+def save_state(path: str | Path, state: ContinualState) -> Path:
+    """Write the state atomically: the file holds either the old or the new state, never half."""
+    payload = state_to_dict(state)
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_state(path: str | Path) -> ContinualState:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"continual state {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated files, other formats, pickles with code: all refused here
+        raise CheckpointError(f"{path} is not a readable continual state: {error}") from None
+    return state_from_dict(payload, source=str(path))
+
+
+def add_class_from_folder(state_path: str | Path, class_name: str, images_dir: str | Path, *,
+                          checkpoint: str | Path | None = None, device: str = "auto",
+                          batch_size: int = 500) -> ContinualState:
+    """Learn `class_name` from every image in `images_dir` with the state's own backbone
+    (rebuilt from `checkpoint`, default the one recorded in the state) and replace the state
+    file; on any error the file is left as it was."""
+    state = load_state(state_path)
+    if class_name in state.classes:  # checked before the expensive part; add_class checks again
+        raise ConfigError(f"class {class_name!r} is already learned in {state_path} "
+                          f"(learned: {', '.join(state.classes)})")
+    folder = Path(images_dir)
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}): an empty class cannot be learned")
+    source = checkpoint if checkpoint is not None else state.backbone.checkpoint
+    if source is None:
+        raise ConfigError(f"{state_path} records no backbone checkpoint; pass checkpoint=... (--checkpoint)")
+    model, preprocess, _, _ = load_model(source, device=resolve_device(device))
+    saved = state.backbone
+    backbone = describe_backbone(model, preprocess, layer=saved.layer, input_size=saved.input_size,
+                                 image_size=saved.image_size, checkpoint=str(source))
+    check_same_backbone(saved, backbone)
+    images = torch.stack([read_image(path, (saved.image_size, saved.image_size)) for path in files])  # (N, 3, H, W)
+    features = extract_features(model, images, preprocess=preprocess, layer=saved.layer,
+                                input_size=saved.input_size, batch_size=batch_size)
+    new_state = state.add_class(class_name, features.split(batch_size), backbone=backbone)
+    save_state(state_path, new_state)
+    return new_state

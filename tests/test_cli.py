@@ -1,0 +1,135 @@
+"""The command line end to end, on a small real subset of the JPEG copy of CIFAR-10."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cifarlab.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real `cifarlab train` run: cnn_bn on 1,000 training images, 4 epochs (about 20 s on 2 cores)."""
+    out = tmp_path_factory.mktemp("runs") / "cnn_bn"
+    code = main([
+        "train", "--data", str(small_cifar), "--model", "cnn_bn", "--epochs", "4", "--batch-size", "50",
+        "--optimizer", "sgd", "--lr", "0.05", "--nesterov", "--schedule", "onecycle", "--label-smoothing", "0.1",
+        "--weight-decay", "5e-4", "--seed", "0", "--device", "cpu", "--no-progress", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_train_beats_chance_clearly_and_writes_the_run_folder(trained_run: Path, capsys):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.25  # chance is 0.10 on these 200 balanced test images
+    assert summary["test_images"] == 200 and summary["train_images"] == 1000
+    assert summary["epochs"] == 4 and summary["best_epoch"] == 4 and summary["val_accuracy"] is None
+    assert set(summary["per_class_accuracy"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                                   "horse", "ship", "truck"}  # fmt: skip
+    for key in ("train_seconds", "images_per_second", "device", "num_parameters"):
+        assert summary[key]
+    for name in ("config.yaml", "metrics.csv", "curves.png", "confusion.png", "report.md", "best.pt", "last.pt"):
+        assert (trained_run / name).stat().st_size > 0, name
+    with open(trained_run / "metrics.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_eval_reproduces_the_summary(trained_run: Path, small_cifar: Path, capsys):
+    out = trained_run / "eval.json"
+    assert main(["eval", "--checkpoint", str(trained_run / "best.pt"), "--data", str(small_cifar), "--device", "cpu",
+                 "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert report["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_predict_prints_a_class_and_probabilities(trained_run: Path, small_cifar: Path, tmp_path: Path, capsys):
+    image = next((small_cifar / "test" / "ship").iterdir())
+    big = tmp_path / "big.png"
+    Image.open(image).resize((64, 48)).save(big)  # other sizes are resized to 32x32
+    assert main(["predict", "--checkpoint", str(trained_run), "--device", "cpu", str(image), str(big)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("%" in line for line in lines)
+
+
+def test_predict_rejects_a_file_that_is_not_an_image(trained_run: Path, tmp_path: Path, capsys):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert main(["predict", "--checkpoint", str(trained_run), "--device", "cpu", str(bad)]) == 2
+    assert "notes.png is not a readable image" in capsys.readouterr().err
+
+
+def test_resume_extends_a_finished_run(trained_run: Path, tmp_path: Path):
+    copy = tmp_path / "resumed"
+    copy.mkdir()
+    for name in ("last.pt", "best.pt", "config.yaml"):
+        (copy / name).write_bytes((trained_run / name).read_bytes())
+    assert main(["train", "--resume", str(copy), "--epochs", "5", "--no-progress"]) == 0
+    with open(copy / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5]
+
+
+def test_resume_refuses_changes_to_the_saved_config(trained_run: Path, capsys):
+    assert main(["train", "--resume", str(trained_run), "--lr", "1.0"]) == 2
+    assert "only --epochs, --device, --progress may change (got optim.lr)" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_folder_is_refused(trained_run: Path, small_cifar: Path, capsys):
+    assert main(["train", "--data", str(small_cifar), "--out", str(trained_run), "--no-progress"]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+
+
+def test_compare_prints_one_row_per_run(trained_run: Path, tmp_path: Path, capsys):
+    assert main(["compare", str(trained_run), str(trained_run), "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("cnn_bn") >= 2
+    assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_data_show_writes_a_grid(small_cifar: Path, tmp_path: Path):
+    png = tmp_path / "grid.png"
+    assert main(["data", "show", "--data", str(small_cifar), "--count", "16", "--cutout", "8", "--png", str(png)]) == 0
+    assert Image.open(png).size[0] > 100
+
+
+def test_models_and_recipes_list_one_line_each(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18 " in out and "wrn " in out and "tutorial " in out
+    assert main(["recipes"]) == 0
+    assert "resnet18-adam" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop' (choose from"),
+        (["train", "--model", "resnet19", "--data", "x"], "unknown model 'resnet19'; valid: cnn, cnn_bn"),
+        (["train", "--recipe", "nope"], "unknown recipe 'nope'; valid:"),
+        (["train", "--data", "/nonexistent/cifar", "--no-download", "--device", "cpu"], "/nonexistent/cifar"),
+        (["train", "--model-arg", "depth"], "--model-arg expects KEY=VALUE"),
+        (["eval", "--checkpoint", "/nonexistent/best.pt"], "checkpoint /nonexistent/best.pt does not exist"),
+    ],
+)
+def test_bad_input_gets_a_specific_error(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if "invalid choice" in message:
+        assert "adamw" in err  # argparse lists the valid values
+
+
+def test_python_dash_m_is_the_same_command():
+    result = subprocess.run([sys.executable, "-m", "cifarlab", "models"], capture_output=True, text=True, check=True)
+    assert "resnet18_cifar" in result.stdout

@@ -1,0 +1,60 @@
+"""Feature extraction against the obvious forward pass; backbone fingerprints."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifarlab.continual.features import Backbone, check_same_backbone, describe_backbone, extract_features
+from cifarlab.data.preprocess import fit_preprocessor
+from cifarlab.errors import CifarlabError
+from cifarlab.models import create_model
+
+
+@pytest.fixture()
+def setup():
+    torch.manual_seed(0)
+    model = create_model("tutorial_deep", num_classes=3)
+    images = torch.randint(0, 256, (23, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return model, fit_preprocessor("normalize", images), images
+
+
+def test_features_equal_forward_features_of_the_preprocessed_batch(setup):
+    model, preprocess, images = setup
+    model.train()  # extraction must switch to eval (dropout/BN) and switch back
+    got = extract_features(model, images, preprocess=preprocess, batch_size=5)
+    assert model.training
+    with torch.no_grad():
+        ref = model.eval().forward_features(preprocess(images.float() / 255))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert got.shape == (23, 84) and got.dtype == torch.float32
+
+
+def test_named_layer_is_average_pooled_and_resize_matches_interpolate(setup):
+    model, preprocess, images = setup
+    got = extract_features(model, images, preprocess=preprocess, layer="features.3", input_size=48, batch_size=10)
+    with torch.no_grad():
+        x = F.interpolate(images.float() / 255, size=(48, 48), mode="bilinear", align_corners=False)
+        ref = model.eval().features[:4](preprocess(x)).mean(dim=(2, 3))  # conv-relu-pool-conv output, pooled
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert got.shape == (23, 16)
+
+
+def test_unknown_layer_lists_the_layers(setup):
+    model, preprocess, images = setup
+    with pytest.raises(CifarlabError, match="no layer 'conv9'; layers: features, features.0"):
+        extract_features(model, images, preprocess=preprocess, layer="conv9")
+
+
+def test_fingerprint_tracks_weights_and_preprocessing(setup):
+    model, preprocess, images = setup
+    a = describe_backbone(model, preprocess)
+    assert a == describe_backbone(model, preprocess) and a.model == "tutorial_deep"
+    other = create_model("tutorial_deep", num_classes=3)
+    b = describe_backbone(other, preprocess)
+    assert b.fingerprint != a.fingerprint
+    c = describe_backbone(model, fit_preprocessor("normalize", images[:5]))
+    assert c.fingerprint != a.fingerprint
+    with pytest.raises(CifarlabError, match="built on backbone"):
+        check_same_backbone(a, b)
+    with pytest.raises(CifarlabError, match="built on backbone"):
+        check_same_backbone(a, Backbone(**{**a.to_dict(), "layer": "features.3"}))
+    check_same_backbone(a, Backbone(**{**a.to_dict(), "checkpoint": "moved/best.pt"}))  # location is no identity

@@ -1,0 +1,33 @@
+"""Continual metrics on hand-made accuracy matrices and scores."""
+import math
+
+import pytest
+import torch
+
+from cifarlab.continual.metrics import auroc, average_incremental_accuracy, forgetting, seen_accuracy
+
+# 3 steps, 4 classes: base {0, 1}, then class 2, then class 3.
+ACC = torch.tensor([[0.9, 0.8, 0.0, 0.0],
+                    [0.7, 0.8, 0.6, 0.0],
+                    [0.5, 0.9, 0.4, 0.8]])
+SEEN = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+
+
+def test_seen_and_average_incremental_accuracy():
+    torch.testing.assert_close(seen_accuracy(ACC, SEEN), torch.tensor([0.85, 0.7, 0.65], dtype=torch.float64))
+    assert average_incremental_accuracy(ACC, SEEN) == pytest.approx((0.85 + 0.7 + 0.65) / 3)
+
+
+def test_forgetting_is_best_earlier_minus_final_over_classes_learned_before_the_last_step():
+    # class 0: 0.9 -> 0.5 (0.4); class 1: best 0.8, final 0.9 (-0.1); class 2: 0.6 -> 0.4 (0.2).
+    assert forgetting(ACC, SEEN) == pytest.approx((0.4 - 0.1 + 0.2) / 3)
+    assert math.isnan(forgetting(ACC[:1], SEEN[:1]))
+
+
+def test_auroc_hand_cases():
+    scores = torch.tensor([0.1, 0.4, 0.35, 0.8])
+    positive = torch.tensor([False, False, True, True])
+    assert auroc(scores, positive) == pytest.approx(0.75)  # 3 of 4 (pos, neg) pairs ordered right
+    assert auroc(-scores, positive) == pytest.approx(0.25)
+    assert auroc(torch.ones(4), positive) == pytest.approx(0.5)  # ties count half
+    assert math.isnan(auroc(scores, torch.zeros(4, dtype=torch.bool)))
