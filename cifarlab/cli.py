@@ -14,10 +14,9 @@ from typing import Any, Callable
 
 import yaml
 
-from cifarlab.config import (
-    ACCOUNTANTS, DEVICES, OPTIMIZERS, PAD_MODES, PRECISIONS, PREPROCESSORS, SCHEDULES, RunConfig, list_recipes,
-    load_recipe, merge,
-)  # fmt: skip
+from cifarlab.config import ACCOUNTANTS, DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, RunConfig, list_recipes, load_recipe, merge
+from cifarlab.data.augment import PAD_MODES
+from cifarlab.data.preprocess import PREPROCESSORS
 from cifarlab.errors import CifarlabError, ConfigError
 
 # (flag, config key, type or choices, help). Every command that trains accepts all of these, spelled the same.
@@ -81,7 +80,10 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
         if isinstance(kind, tuple):
             parser.add_argument(flag, dest=key, choices=kind, help=help_text)
         else:
-            parser.add_argument(flag, dest=key, type=_int_list if kind == "int_list" else kind, help=help_text)
+            metavar = flag.lstrip("-").upper().replace("-", "_")
+            parser.add_argument(
+                flag, dest=key, type=_int_list if kind == "int_list" else kind, metavar=metavar, help=help_text
+            )
     for flag, key, help_text in _SWITCH_FLAGS:
         parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=help_text)
 
@@ -212,6 +214,76 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(compare_runs(args.runs, out=args.out))
 
 
+def cmd_continual(args: argparse.Namespace) -> None:
+    from cifarlab.continual.classifiers import MethodOptions
+    from cifarlab.continual.protocol import ProtocolOptions, run_continual, run_protocol, summary_table
+    from cifarlab.continual.state import add_class_from_folder
+
+    if args.action == "add":
+        missing = [flag for flag, value in (("--state", args.state), ("--class-name", args.class_name),
+                                            ("--images", args.images)) if not value]  # fmt: skip
+        if missing:
+            raise ConfigError(f"cifarlab continual add needs {', '.join(missing)}")
+        state = add_class_from_folder(args.state, args.class_name, args.images, checkpoint=args.checkpoint,
+                                      device=args.__dict__["train.device"] or "auto")  # fmt: skip
+        print(f"{args.state}: learned {args.class_name!r}; classes now {', '.join(state.classes)}")
+        return
+    shrinkage = args.shrinkage if args.shrinkage == "oas" else float(args.shrinkage)
+    options = ProtocolOptions(
+        order=tuple(args.increments) if args.increments else None,
+        group_size=args.group_size,
+        methods=tuple(args.method) if args.method else ProtocolOptions.methods,
+        method_options=MethodOptions(shrinkage=shrinkage, class_shrinkage=args.class_shrinkage, prior=args.prior),
+        layer=args.layer,
+        input_size=args.input_size,
+        finetune_epochs=args.finetune_epochs,
+        joint=args.joint,
+        data=args.__dict__["data.path"],
+        device=args.__dict__["train.device"] or "auto",
+        out=args.continual_out,
+        progress=args.__dict__["train.progress"] is not False,
+    )
+    if args.run:
+        summary = run_protocol(args.run, options)
+    else:
+        if not args.base_classes:
+            raise ConfigError("cifarlab continual needs --base-classes (to train a backbone) or --run (to reuse one)")
+        summary = run_continual(config_from_args(args), args.base_classes, options)
+    print(summary_table(summary))
+
+
+def cmd_uncertainty(args: argparse.Namespace) -> None:
+    from cifarlab.report.run_report import format_table
+    from cifarlab.uncertainty import train as uncertainty
+
+    if args.action == "sine":
+        from cifarlab.uncertainty.sine import SineConfig, run_sine
+
+        fields = {"method": args.method, "epochs": args.__dict__["train.epochs"], "seed": args.__dict__["train.seed"],
+                  "chains": args.chains, "members": args.members, "passes": args.passes}  # fmt: skip
+        config = SineConfig(**{k: v for k, v in fields.items() if v is not None})
+        out = args.__dict__["train.out"] or f"runs/sine-{config.method}"
+        summary = run_sine(config, out=out)
+        print(f"{out}: std in data {summary['std_in_data']:.4f}, in the gap {summary['std_in_gap']:.4f} "
+              f"(ratio {summary['std_in_gap'] / max(summary['std_in_data'], 1e-12):.2f}); plot {out}/sine.png")
+        return
+    if args.action == "eval":
+        if not args.run:
+            raise ConfigError("cifarlab uncertainty eval needs --run RUN_DIR")
+        uncertainty.evaluate_run(args.run, device=args.__dict__["train.device"] or "auto")
+        runs = [args.run]
+    elif args.action == "compare":
+        runs = args.runs
+    else:
+        fields = {"method": args.method, "members": args.members, "passes": args.passes, "temperature": args.temperature,
+                  "burn_in": args.burn_in, "thin": args.thin, "keep": args.keep,
+                  "noise_multiplier": args.__dict__["dp.noise_multiplier"], "corruption_images": args.corruption_images}
+        options = uncertainty.UncertaintyConfig(**{k: v for k, v in fields.items() if v is not None})
+        summary = uncertainty.train_uncertainty(config_from_args(args), options)
+        runs = [summary["run_dir"]]
+    print(format_table(uncertainty.comparison_rows(runs), list(uncertainty.COMPARISON_COLUMNS)))
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
@@ -250,6 +322,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--cache-dir", help="default: $CIFARLAB_CACHE or ~/.cache/cifarlab")
     sub.add_argument("--url", help="mirror URL of the same archive")
     sub.add_argument("--md5", help="MD5 of the mirror's archive (default: the official one)")
+
+    sub = command("continual", cmd_continual, "class-incremental learning with Gaussian feature classifiers")
+    sub.add_argument("action", nargs="?", choices=("run", "add"), default="run",
+                     help="run: the protocol (default); add: learn one class into a saved state")  # fmt: skip
+    add_training_flags(sub)
+    sub.add_argument("--run", help="reuse a trained base run (folder or checkpoint) instead of training one")
+    sub.add_argument("--base-classes", type=_int_list, help="classes the backbone is trained on, e.g. 0-4")
+    sub.add_argument("--increments", "--order", dest="increments", type=_int_list,
+                     help="order of the new classes, e.g. 5,6,7,8,9 (default: the rest, ascending)")
+    sub.add_argument("--group-size", type=int, default=1, help="classes added per step")
+    sub.add_argument("--method", action="append", choices=("lda", "qda-shrink", "ncm", "slda"),
+                     help="classifier(s) to compare (repeatable; default all)")
+    sub.add_argument("--shrinkage", default="1e-4", help="covariance shrinkage in [0, 1], or oas")
+    sub.add_argument("--class-shrinkage", type=float, default=0.9, help="qda-shrink: weight of the shared covariance")
+    sub.add_argument("--prior", choices=("uniform", "empirical"), default="uniform")
+    sub.add_argument("--layer", help="feature layer (module name; default: the penultimate features)")
+    sub.add_argument("--input-size", type=int, help="resize inputs to this size for feature extraction")
+    sub.add_argument("--finetune-epochs", type=int, default=1, help="naive fine-tuning baseline epochs (0: skip)")
+    sub.add_argument("--joint", action="store_true", help="also train the joint upper bound on all classes")
+    sub.add_argument("--continual-out", help="output folder (default <base run>/continual)")
+    sub.add_argument("--state", help="add: the saved classifier state (state.pt)")
+    sub.add_argument("--class-name", help="add: name of the new class")
+    sub.add_argument("--images", help="add: folder of the new class's images")
+    sub.add_argument("--checkpoint", help="add: backbone checkpoint (default: the one recorded in the state)")
+
+    sub = command("uncertainty", cmd_uncertainty, "predictive uncertainty: SGLD, MC dropout, ensembles")
+    sub.add_argument("action", choices=("sine", "train", "eval", "compare"),
+                     help="sine: the 1-D regression demo; train: a CIFAR run; eval: re-evaluate --run; compare RUN...")
+    sub.add_argument("runs", nargs="*", help="compare: uncertainty run folders")
+    add_training_flags(sub)
+    sub.add_argument("--method", choices=("none", "mc-dropout", "ensemble", "sgld", "sgld-dp"), default="sgld")
+    sub.add_argument("--run", help="eval: the run folder")
+    sub.add_argument("--members", type=int, help="ensemble size (default 4; sine: 5)")
+    sub.add_argument("--passes", type=int, help="MC dropout test-time passes (default 30; sine: 100)")
+    sub.add_argument("--chains", type=int, help="sine: SGLD chains pooled (default 4)")
+    sub.add_argument("--temperature", type=float, help="SGLD posterior temperature (default 1)")
+    sub.add_argument("--burn-in", type=int, help="SGLD epochs before the first sample (default: half)")
+    sub.add_argument("--thin", type=int, help="SGLD epochs between samples (default 1)")
+    sub.add_argument("--keep", choices=("disk", "memory"), help="SGLD samples as checkpoints or in memory")
+    sub.add_argument("--corruption-images", type=int, help="test images per corruption set (default 1000)")
 
     command("models", cmd_models, "list the registered models")
     command("recipes", cmd_recipes, "list the recipes")

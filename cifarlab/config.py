@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cifarlab.data.augment import PAD_MODES
+from cifarlab.data.preprocess import PREPROCESSORS
 from cifarlab.errors import ConfigError
 from cifarlab.io import read_yaml
 
@@ -23,8 +25,6 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "sgld")
 SCHEDULES = ("constant", "step", "multistep", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
-PAD_MODES = ("zero", "reflect")
-PREPROCESSORS = ("normalize", "mean", "zca", "gcn_zca", "none")
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -242,6 +242,14 @@ def _build(cls: type, values: Any, *, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+_SCALARS: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+}
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check `value` against a simple type hint (int/float/bool/str, Optional, list[int], dict)."""
     origin = typing.get_origin(hint)
@@ -260,28 +268,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint} at {where}")
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    accepted, description = _SCALARS[hint]
+    if not isinstance(value, accepted) or (hint is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {description}, got {value!r}")
+    return hint(value)
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:

@@ -5,6 +5,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The suite is thousands of tiny tensor ops: intra-op threads only add synchronisation (and on a busy
+    # machine, waits of whole scheduler slices). One thread is faster here and keeps results bit-stable.
+    torch.set_num_threads(1)
+
 
 JPEG_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg"
 

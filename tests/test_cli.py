@@ -133,3 +133,23 @@ def test_bad_input_gets_a_specific_error(argv, message, capsys):
 def test_python_dash_m_is_the_same_command():
     result = subprocess.run([sys.executable, "-m", "cifarlab", "models"], capture_output=True, text=True, check=True)
     assert "resnet18_cifar" in result.stdout
+
+
+def test_continual_trains_a_base_then_adds_classes_and_a_folder(small_cifar: Path, tmp_path: Path, capsys):
+    out = tmp_path / "base"
+    assert main([
+        "continual", "--data", str(small_cifar), "--model", "tutorial", "--epochs", "1", "--device", "cpu",
+        "--no-progress", "--out", str(out), "--base-classes", "0-4", "--increments", "5,6,7,8", "--method", "lda",
+        "--method", "ncm", "--finetune-epochs", "0",
+    ]) == 0  # fmt: skip
+    summary = json.loads((out / "continual" / "summary.json").read_text())
+    assert len(summary["methods"]["lda"]["accuracy_per_step"]) == 5  # before any increment + 4 increments
+    assert "lda" in capsys.readouterr().out
+    state = out / "continual" / "state.pt"
+    before = state.read_bytes()
+    assert main(["continual", "add", "--state", str(state), "--class-name", "ship", "--images",
+                 str(small_cifar / "train" / "ship"), "--device", "cpu"]) == 2  # fmt: skip
+    assert "ship" in capsys.readouterr().err and state.read_bytes() == before  # already learned: untouched
+    assert main(["continual", "add", "--state", str(state), "--class-name", "truck", "--images",
+                 str(small_cifar / "train" / "truck"), "--device", "cpu"]) == 0  # fmt: skip
+    assert "truck" in capsys.readouterr().out

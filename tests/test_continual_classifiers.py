@@ -114,8 +114,10 @@ def test_every_method_separates_gaussians_and_flags_an_unseen_class(method):
 
 
 def test_slda_agrees_with_lda_on_enough_data():
-    data = _gaussian_classes(n=500)
-    stats = _stats(data)
+    data = _gaussian_classes(n=300)
+    stats = FeatureStats.empty(D)
+    for name, x in data.items():
+        stats = stats.add_class(name, x.split(128))
     z = torch.cat(list(data.values()))
     agree = (fit("slda", stats).predict(z) == fit("lda", stats).predict(z)).double().mean().item()
     assert agree > 0.97
@@ -149,3 +151,15 @@ def test_bad_names_and_options_list_what_is_valid():
         MethodOptions(shrinkage=2.0)
     with pytest.raises(CifarlabError, match="valid: uniform, empirical"):
         MethodOptions(prior="flat")
+
+
+def test_qda_shrink_fully_toward_the_shared_covariance_is_lda():
+    stats = _stats(_gaussian_classes())
+    z = torch.randn(40, D, generator=torch.Generator().manual_seed(4)) * 4
+    qda = fit("qda-shrink", stats, MethodOptions(class_shrinkage=1.0))
+    assert torch.equal(qda.predict(z), fit("lda", stats).predict(z))
+    g = torch.Generator().manual_seed(0)
+    few = FeatureStats.empty(20).add_class("a", [torch.randn(5, 20, generator=g)]) \
+                                .add_class("b", [torch.randn(30, 20, generator=g)])  # class a: 5 examples in 20-D
+    with pytest.raises(CifarlabError, match="class 'a' .* raise class_shrinkage"):
+        fit("qda-shrink", few, MethodOptions(class_shrinkage=0.0))

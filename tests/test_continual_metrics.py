@@ -31,3 +31,12 @@ def test_auroc_hand_cases():
     assert auroc(-scores, positive) == pytest.approx(0.25)
     assert auroc(torch.ones(4), positive) == pytest.approx(0.5)  # ties count half
     assert math.isnan(auroc(scores, torch.zeros(4, dtype=torch.bool)))
+
+
+def test_auroc_equals_the_pairwise_definition_with_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (40,), generator=g).double()  # many ties
+    positive = torch.rand(40, generator=g) < 0.4
+    pos, neg = scores[positive], scores[~positive]
+    pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+    assert auroc(scores, positive) == pytest.approx(pairs.mean().item(), abs=1e-12)

@@ -15,11 +15,13 @@ def _class_data(seed: int, n: int = 60, d: int = 5, offset: float = 100.0) -> to
 
 
 def test_batch_stats_match_numpy_mean_and_cov():
-    x = _class_data(0)
+    x = _class_data(0, offset=1e4)  # raw moments would keep ~8 of 16 digits here
     s = batch_stats(x)
     xn = x.double().numpy()
-    np.testing.assert_allclose(s.mean.numpy(), xn.mean(0), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(s.mean.numpy(), xn.mean(0), rtol=1e-14, atol=0)
     np.testing.assert_allclose(s.covariance().numpy(), np.cov(xn, rowvar=False), rtol=0, atol=1e-10)
+    raw = (xn.T @ xn - len(xn) * np.outer(xn.mean(0), xn.mean(0))) / (len(xn) - 1)
+    assert np.abs(raw - np.cov(xn, rowvar=False)).max() > 1e-8  # the cancellation the centred form avoids
     assert s.count == 60 and s.sum.dtype == torch.float64
 
 

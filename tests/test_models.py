@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import types
-from typing import Iterator
 
 import pytest
 import torch
@@ -17,14 +16,6 @@ from cifarlab.models import EXTERNAL_NOTE, create_model, describe_model, list_mo
 from cifarlab.models.layers import BasicBlock, WSConv2d
 from cifarlab.models.resnet_cifar import PadShortcut
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small convs on a shared, busy CPU run ~3x faster without intra-op threads fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 NATIVE = list_models()

@@ -9,17 +9,8 @@ from cifarlab.errors import CheckpointError, ConfigError
 from cifarlab.uncertainty.sgld import SGLD, SampleCollector, polynomial_decay, predict_posterior
 
 
-@pytest.fixture
-def one_thread():
-    # thousands of tiny ops: thread hand-offs would cost more than the arithmetic on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_samples_match_bayesian_linear_regression_posterior(temperature, one_thread):
+def test_samples_match_bayesian_linear_regression_posterior(temperature):
     # y = X w + noise (std s), prior w ~ N(0, 1/lam): posterior N(mu, Sigma), Sigma = (X'X/s^2 + lam I)^-1,
     # tempered by T: covariance T * Sigma, same mean. 200 independent chains run side by side as rows of W.
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,6 @@ accuracies equals the accuracy over examples.
 from __future__ import annotations
 
 import torch
-from scipy.stats import rankdata
 from torch import Tensor
 
 
@@ -38,9 +37,12 @@ def forgetting(acc: Tensor, seen: Tensor) -> float:
 def auroc(scores: Tensor, positive: Tensor) -> float:
     """Area under the ROC curve of `scores` for detecting `positive` (bool) rows, via the
     Mann-Whitney rank statistic (ties count half); nan if either group is empty."""
-    scores, positive = scores.detach().cpu().double().numpy(), positive.cpu().numpy().astype(bool)
-    n_pos, n_neg = positive.sum(), (~positive).sum()
+    scores, positive = scores.detach().cpu().double(), positive.cpu().bool()
+    n_pos, n_neg = positive.sum().item(), (~positive).sum().item()
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = rankdata(scores)  # average ranks for ties
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    # Average 1-based ranks, ties sharing the mean of their ranks (scipy.stats.rankdata's default,
+    # computed here because importing scipy.stats costs seconds).
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (counts.cumsum(0) - (counts - 1) / 2)[inverse]
+    return (ranks[positive].sum().item() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)

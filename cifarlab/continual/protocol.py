@@ -38,6 +38,7 @@ from cifarlab.errors import ConfigError, DataError
 from cifarlab.io import write_json
 from cifarlab.report.metrics import accuracy, confusion_matrix, per_class_accuracy
 from cifarlab.report.plots import plot_confusion
+from cifarlab.report.run_report import format_table
 from cifarlab.train.checkpoint import load_model
 from cifarlab.train import engine
 from cifarlab.train.run import run_training
@@ -215,13 +216,32 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
         "state": str(state_path),
         "methods": {name: summarize_method(steps_log, seen) for name, steps_log in log.items()},
     }
-    write_json(out / "summary.json", summary)
-    plot_accuracy_per_step(summary["methods"], summary["classes_learned_per_step"], out / "accuracy_per_step.png",
-                           title=f"{backbone.model}: base {len(base)} classes, then {len(steps) - 1} increments")
-    for name, result in summary["methods"].items():
-        plot_confusion(torch.tensor(result["confusion_matrices"][-1]), dataset.classes, out / f"confusion_{name}.png")
+    _write_outputs(out, summary)
     say(f"wrote {out / 'summary.json'}")
     return summary
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """One row per method (percentages): final accuracy on all classes, average incremental
+    accuracy, forgetting, and the novelty AUROC after the base step."""
+    def pct(value: float | None) -> float | None:
+        return None if value is None else 100 * value
+
+    rows = [{"method": name, "final acc %": pct(r["final_accuracy"]),
+             "avg incremental acc %": pct(r["average_incremental_accuracy"]), "forgetting %": pct(r["forgetting"]),
+             "novelty AUROC % (base)": pct(r["novelty_auroc_per_step"][0])}
+            for name, r in summary["methods"].items()]
+    return format_table(rows, list(rows[0]))
+
+
+def _write_outputs(out: Path, summary: dict[str, Any]) -> None:
+    write_json(out / "summary.json", summary)
+    title = (f"{summary['backbone']['model']}: base {len(summary['base_classes'])} classes, "
+             f"then {len(summary['steps']) - 1} increments")
+    plot_accuracy_per_step(summary["methods"], summary["classes_learned_per_step"], out / "accuracy_per_step.png",
+                           title=title)
+    for name, result in summary["methods"].items():
+        plot_confusion(torch.tensor(result["confusion_matrices"][-1]), summary["classes"], out / f"confusion_{name}.png")
 
 
 def _override(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:

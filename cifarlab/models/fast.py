@@ -31,6 +31,9 @@ PATCH_DIM = 3 * PATCH * PATCH  # 12 values per RGB 2x2 patch
 # eigenvalues 10 down to 1e-4; the six smallest (< 6e-3: fine colour detail, much of it compression noise) would
 # otherwise be amplified up to 100x.
 WHITEN_EPS = 5e-3
+# Running statistics follow the last few batches: short runs (a few hundred steps) would otherwise evaluate with
+# statistics still close to their initial values.
+BN_MOMENTUM = 0.6
 FEATURE_SCALE = 1 / 9  # airbench's head scaling: the head starts with small logits
 TTA_LEVELS = (0, 1, 2)  # none, + mirror, + mirror and 1-pixel shifts (6 views)
 
@@ -38,7 +41,7 @@ TTA_LEVELS = (0, 1, 2)  # none, + mirror, + mirror and 1-pixel shifts (6 views)
 def conv_bn_gelu(in_ch: int, out_ch: int, *, pool: bool) -> list[nn.Module]:
     """conv3x3 (-> maxpool 2) -> BN -> GELU; pooling before BN does the normalisation on 4x fewer values."""
     conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
-    return [conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(out_ch), nn.GELU()]
+    return [conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(out_ch, momentum=BN_MOMENTUM), nn.GELU()]
 
 
 def tta_views(x: Tensor, level: int) -> list[Tensor]:
@@ -96,9 +99,12 @@ class FastNet(CifarModel):
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"init_from_data expects float images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         total, outer, count = torch.zeros(PATCH_DIM, dtype=torch.float64), 0.0, 0
-        for chunk in images.split(256):
-            patches = F.unfold(chunk.double().cpu(), PATCH).transpose(1, 2).reshape(-1, PATCH_DIM)  # (n * L, 12)
-            total, outer, count = total + patches.sum(0), outer + patches.T @ patches, count + len(patches)
+        for chunk in images.split(512):
+            patches = F.unfold(chunk.float(), PATCH).transpose(0, 1).reshape(PATCH_DIM, -1)  # (12, n * L)
+            # float32 products on the images' device (fast), sums of the chunks in float64
+            total = total + patches.sum(1).double().cpu()
+            outer = outer + (patches @ patches.T).double().cpu()
+            count += patches.shape[1]
         mean = total / count
         self.set_whitening(outer / count - torch.outer(mean, mean), mean)
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from cifarlab.config import RunConfig
 from cifarlab.data.loader import BatchLoader, TrainData
 from cifarlab.errors import CifarlabError
-from cifarlab.io import write_json, write_text
+from cifarlab.io import write_text
 from cifarlab.train.checkpoint import save_checkpoint
 from cifarlab.train.optim import build_optimizer, build_scheduler
 

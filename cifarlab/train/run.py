@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from cifarlab.config import RunConfig
-from cifarlab.data.loader import prepare_data
+from cifarlab.data.loader import TrainData, prepare_data
 from cifarlab.errors import CifarlabError
 from cifarlab.io import write_json, write_yaml
 from cifarlab.models import create_model
@@ -25,6 +25,16 @@ from cifarlab.train.engine import FitResult, autocast_for, evaluate, fit, resolv
 def default_run_dir(config: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{config.model.name.replace(':', '-')}"
+
+
+def init_model_from_data(model: torch.nn.Module, data: TrainData, *, count: int = 5000) -> None:
+    """Let a model that defines `init_from_data` fit its data-dependent layers to `count` normalised training images.
+
+    The images are evenly strided through the training split (whose order may be sorted by class), not augmented.
+    """
+    if hasattr(model, "init_from_data"):
+        images = data.train.images[:: max(1, data.train.num_examples // count)][:count]
+        model.init_from_data(data.preprocess(images.float().div(255)))
 
 
 def run_training(config: RunConfig, *, resume: str | Path | None = None) -> FitResult:
@@ -51,6 +61,7 @@ def run_training(config: RunConfig, *, resume: str | Path | None = None) -> FitR
         progress=config.train.progress,
     )
     model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
+    init_model_from_data(model, data)  # e.g. `fast` fits its patch-whitening layer (a resume then loads the saved one)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_yaml(run_dir / "config.yaml", config.to_dict())
 

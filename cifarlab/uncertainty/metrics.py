@@ -76,10 +76,14 @@ def reliability_bins(probs: Tensor, labels: Tensor, *, n_bins: int = ECE_BINS) -
 
 def ece(probs: Tensor, labels: Tensor, *, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error: sum over bins of (bin size / N) * |accuracy - confidence| (Guo et al. 2017)."""
-    bins = reliability_bins(probs, labels, n_bins=n_bins)
+    return bins_ece(reliability_bins(probs, labels, n_bins=n_bins))
+
+
+def bins_ece(bins: ReliabilityBins) -> float:
+    """ECE from reliability bins (empty bins weigh nothing)."""
     full = bins.count > 0
     gap = (bins.accuracy[full] - bins.confidence[full]).abs()
-    return (bins.count[full].double() * gap).sum().item() / probs.shape[0]
+    return (bins.count[full].double() * gap).sum().item() / bins.count.sum().item()
 
 
 def auroc(scores_in: Tensor, scores_out: Tensor) -> float:

@@ -1,0 +1,354 @@
+"""Sums of per-example clipped gradients, the part of DP-SGD that costs (Abadi et al. 2016).
+
+For a batch of B examples, each given as `views` consecutive augmented rows of x (augmentation
+multiplicity, De et al. 2022), both functions return, per trainable parameter,
+
+    sum_i min(1, C / ||g_i||) g_i,   g_i = gradient of mean_k loss(view_k of example i),
+
+i.e. a view-averaged per-example gradient clipped to norm C as a whole (all parameters together).
+Noise and averaging are the optimizer's job (Opacus DPOptimizer).
+
+- `fast` (default): "book-keeping" (Bu et al. 2023, "Differentially Private Optimization on
+  Large Model at Small Cost", arXiv:2210.00038). One forward and ONE backward that computes only
+  the gradients flowing between layers; from each layer's input a and output gradient g it gets
+  the per-example gradient norms (mixed ghost norm, Bu et al. 2022, arXiv:2205.10683: the Gram
+  trick where it is cheaper, else per-example gradients through a grouped convolution), then the
+  clipped sum with the ordinary weight-gradient kernel applied to c_i * g_i. No second backward
+  (Opacus ghost clipping needs one) and no (B, params) tensor for conv/linear layers (Opacus hooks
+  keep one per layer). Written here because Opacus 1.6 has neither the single-pass form nor a
+  conv norm rule that avoids unfolding every patch (it computes conv norms by unfold + einsum).
+- `hooks`: Opacus's GradSampleModule materialises every per-example gradient; the reference path.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from cifarlab.errors import ConfigError
+from cifarlab.models.layers import WSConv2d
+
+CLIP_METHODS = ("fast", "hooks")
+
+
+@dataclass
+class ClipResult:
+    grads: list[Tensor]  # clipped per-example gradients summed over the batch, one per trainable parameter
+    losses: Tensor  # (B,) per-example loss, averaged over views
+    logits: Tensor  # (B, classes) averaged over views, detached
+    norms: Tensor  # (B,) per-example gradient norms before clipping
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def clipped_grad_sum(model: nn.Module, x: Tensor, y: Tensor, *, max_grad_norm: float, views: int = 1,
+                     method: str = "fast") -> ClipResult:
+    """Per-example clipped gradient sum of the cross-entropy for x (B*views, ...) and y (B*views,)."""
+    if method == "fast":
+        return _fast(model, x, y, max_grad_norm=max_grad_norm, views=views)
+    if method == "hooks":
+        return _hooks(model, x, y, max_grad_norm=max_grad_norm, views=views)
+    raise ConfigError(f"unknown per-sample gradient method {method!r}; valid: {', '.join(CLIP_METHODS)}")
+
+
+def check_fast_supported(model: nn.Module) -> None:
+    """The fast path needs every parameter owned by a leaf layer (how hooks see its input and output)."""
+    for name, module in model.named_modules():
+        owns = any(p.requires_grad for p in module.parameters(recurse=False))
+        if owns and any(p.requires_grad for child in module.children() for p in child.parameters()):
+            raise ConfigError(
+                f"layer {name or type(module).__name__!r} ({type(module).__name__}) owns parameters and also has "
+                "sub-layers with parameters, so its per-example gradients cannot be taken from its input and "
+                "output; move its own parameters into a leaf layer, or use grad_sample_mode='hooks'")
+
+
+def _per_example_loss(logits: Tensor, y: Tensor, views: int) -> tuple[Tensor, Tensor]:
+    losses = F.cross_entropy(logits.float(), y, reduction="none")  # (B*views,)
+    return losses.view(-1, views).mean(1), logits.detach().float().view(-1, views, logits.shape[-1]).mean(1)
+
+
+def _coefficients(sq_norms: Tensor, max_grad_norm: float) -> tuple[Tensor, Tensor]:
+    norms = sq_norms.clamp(min=0).sqrt()
+    return norms, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's formula
+
+
+# --- the fast path ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tap:
+    """What one layer saw in the forward pass and received in the backward pass."""
+
+    module: nn.Module
+    inputs: tuple[Tensor, ...]
+    output: Tensor
+    version: int  # the output's version counter at the forward: it changes if an in-place op rewrites it
+    grad_output: Tensor | None = None
+
+
+@contextmanager
+def _tapping(modules: list[nn.Module]) -> Iterator[list[_Tap]]:
+    taps: list[_Tap] = []
+
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        if not output.requires_grad:
+            return
+        tap = _Tap(module, tuple(t.detach() for t in inputs if isinstance(t, Tensor)), output, output._version)
+        taps.append(tap)
+        # A tensor hook registered now receives the gradient of this output even if a later
+        # in-place op (ReLU(inplace=True)) rewrites the tensor.
+        output.register_hook(lambda g: setattr(tap, "grad_output", g))
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield taps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _fast(model: nn.Module, x: Tensor, y: Tensor, *, max_grad_norm: float, views: int) -> ClipResult:
+    params = trainable_parameters(model)
+    layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    x = x.detach().requires_grad_(True)
+    with _tapping(layers) as taps:
+        losses, logits = _per_example_loss(model(x), y, views)
+        # Ask for the gradients of the layer outputs only: autograd then skips every weight gradient, which
+        # the rules below compute already clipped. An output rewritten in place no longer names its
+        # gradient; asking for x's then makes the backward run through (and fire the hook of) that layer.
+        targets = [t.output for t in taps if t.output._version == t.version]
+        if len(targets) < len(taps):
+            targets.append(x)
+        torch.autograd.grad(losses.sum(), targets, allow_unused=True)
+    if len({id(t.module) for t in taps}) != len(taps):
+        raise ConfigError("a layer ran twice in one forward pass (shared weights); the fast path does not support "
+                          "this, use grad_sample_mode='hooks'")
+    with torch.autocast(x.device.type, enabled=False):  # norms in fp32: the clipping bound must hold exactly
+        rules = [_layer_rule(t, views) for t in taps if t.grad_output is not None]
+        del taps  # frees the layer outputs before the per-example work
+        sq_norms = sum((rule.sq_norms for rule in rules), torch.zeros(len(losses), device=x.device))
+        norms, coef = _coefficients(sq_norms, max_grad_norm)
+        summed = {}
+        for rule in rules:
+            summed.update(rule.clipped_sum(coef))
+    grads = [summed.get(p, torch.zeros_like(p)).to(p.dtype) for p in params]  # unused layers: zero gradient
+    return ClipResult(grads=grads, losses=losses.detach(), logits=logits, norms=norms)
+
+
+@dataclass
+class _LayerRule:
+    sq_norms: Tensor  # (B,) this layer's contribution to the squared per-example gradient norms
+    clipped_sum: Callable[[Tensor], dict[nn.Parameter, Tensor]]  # coefficients (B,) -> sum_i c_i g_i per parameter
+
+
+def _layer_rule(tap: _Tap, views: int) -> _LayerRule:
+    module = tap.module
+    a, g = tap.inputs[0].float(), tap.grad_output.float()
+    if type(module) is nn.Linear:
+        return _linear_rule(module, a, g, views)
+    if (type(module) in (nn.Conv2d, WSConv2d) and not isinstance(module.padding, str)
+            and module.padding_mode == "zeros"):
+        output = tap.output.detach().float() if tap.output._version == tap.version else None
+        return _conv2d_rule(module, a, g, views, output=output)
+    return _generic_rule(module, [t.float() for t in tap.inputs], g, views)
+
+
+def _gram_sq_norms(a: Tensor, g: Tensor) -> Tensor:
+    """||sum_t g_t a_t^T||_F^2 per example from a (B, T, d), g (B, T, o) without forming the (o, d) gradient:
+    sum_{t,s} (a_t . a_s)(g_t . g_s) (Goodfellow 2015; Li et al. 2022 "ghost norm")."""
+    if a.shape[1] == 1:
+        return a.square().sum((1, 2)) * g.square().sum((1, 2))
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+
+def _ghost_is_cheaper(positions: int, d: int, o: int) -> bool:
+    # Gram: T^2 (d + o) flops per example; explicit per-example gradient: T d o flops (and d o memory).
+    return positions * (d + o) < d * o
+
+
+def _weight(coef: Tensor, views: int, ndim: int) -> Tensor:
+    return coef.repeat_interleave(views).view(-1, *([1] * (ndim - 1)))
+
+
+def _linear_rule(module: nn.Linear, a: Tensor, g: Tensor, views: int) -> _LayerRule:
+    batch = a.shape[0] // views
+    a3, g3 = a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])  # (B, views*T, d), (B, views*T, o)
+    per_example = None
+    if _ghost_is_cheaper(a3.shape[1], a3.shape[2], g3.shape[2]):
+        sq = _gram_sq_norms(a3, g3)
+    else:
+        per_example = torch.einsum("bto,btd->bod", g3, a3)
+        sq = per_example.square().sum((1, 2))
+    if module.bias is not None and module.bias.requires_grad:
+        sq = sq + g3.sum(1).square().sum(1)
+
+    def clipped_sum(coef: Tensor) -> dict[nn.Parameter, Tensor]:
+        gc = (g3 * coef.view(-1, 1, 1)).flatten(0, 1)  # (B*views*T, o)
+        out = {}
+        if module.weight.requires_grad:
+            out[module.weight] = gc.T @ a3.flatten(0, 1) if per_example is None else torch.einsum(
+                "b,b...->...", coef, per_example)
+        if module.bias is not None and module.bias.requires_grad:
+            out[module.bias] = gc.sum(0)
+        return out
+
+    return _LayerRule(sq, clipped_sum)
+
+
+def _conv2d_rule(module: nn.Conv2d, a: Tensor, g: Tensor, views: int, *, output: Tensor | None) -> _LayerRule:
+    n, c_in, height, width = a.shape
+    batch, c_out, groups = n // views, g.shape[1], module.groups
+    kernel = module.weight.shape[1:]  # (c_in / groups, kh, kw)
+    positions = views * g.shape[2] * g.shape[3]
+    conv_args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+    standardized = _standardize(module) if type(module) is WSConv2d else None
+    sq = torch.zeros(batch, device=a.device)
+    per_example = None  # (B, *weight.shape) when formed: the clipped sum is then a cheap weighted sum
+    if module.weight.requires_grad:
+        if groups == 1 and _ghost_is_cheaper(positions, kernel.numel(), c_out):
+            patches = _patches(a, module).view(batch, positions, -1)  # (B, views*L, d)
+            gg = g.view(batch, views, c_out, -1).transpose(2, 3).reshape(batch, positions, c_out)
+            if standardized is None:
+                sq = _gram_sq_norms(patches, gg)
+            else:
+                if output is None:  # rewritten in place: recompute the bias-free output
+                    y = patches @ standardized[0].flatten(1).T
+                else:
+                    y = output.view(batch, views, c_out, -1).transpose(2, 3).reshape(batch, positions, c_out)
+                    if module.bias is not None:
+                        y = y - module.bias.detach().float()
+                sq = _ws_gram_sq_norms(patches, gg, y, *standardized)
+        else:
+            # Per-example weight gradients as ONE grouped weight-gradient call: fold the examples into channel
+            # groups, so the "batch" left to sum over is the views (averaging them before clipping, for free).
+            a_folded = a.view(batch, views, c_in, height, width).transpose(0, 1).reshape(views, batch * c_in, height, width)
+            g_folded = g.view(batch, views, *g.shape[1:]).transpose(0, 1).reshape(views, batch * c_out, *g.shape[2:])
+            per_example = torch.nn.grad.conv2d_weight(a_folded, (batch * c_out, *kernel), g_folded,
+                                                      groups=batch * groups, **conv_args)
+            per_example = per_example.view(batch, c_out, *kernel)
+            if standardized is not None:
+                per_example = _standardize_backward(per_example, *standardized)
+            sq = per_example.view(batch, -1).square().sum(1)
+    has_bias = module.bias is not None and module.bias.requires_grad
+    if has_bias:
+        sq = sq + g.view(batch, views, c_out, -1).sum((1, 3)).square().sum(1)
+
+    def clipped_sum(coef: Tensor) -> dict[nn.Parameter, Tensor]:
+        gc = g * _weight(coef, views, g.ndim)
+        out = {}
+        if per_example is not None:
+            out[module.weight] = torch.einsum("b,b...->...", coef, per_example)
+        elif module.weight.requires_grad:
+            grad_w = torch.nn.grad.conv2d_weight(a, module.weight.shape, gc, groups=groups, **conv_args)
+            out[module.weight] = grad_w if standardized is None else _standardize_backward(grad_w, *standardized)
+        if has_bias:
+            out[module.bias] = gc.sum((0, 2, 3))
+        return out
+
+    return _LayerRule(sq, clipped_sum)
+
+
+# Weight Standardization (WSConv2d, Qiao et al. 2019): the conv runs with w_hat = (w - mean) * rstd per output
+# channel, rstd = (var + eps)^-1/2 over (c_in, kh, kw). Per-example gradients come for w_hat and are mapped to w
+# through the standardisation's Jacobian, which is linear and shared by all examples (so the clipped sum maps
+# once). test_privacy_clipping checks this against autograd through WSConv2d itself.
+
+
+def _standardize(module: WSConv2d) -> tuple[Tensor, Tensor]:
+    w = module.weight.detach().float()
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    rstd = torch.rsqrt(w.var(dim=(1, 2, 3), unbiased=False, keepdim=True) + module.eps)
+    return (w - mean) * rstd, rstd  # (o, c, kh, kw), (o, 1, 1, 1)
+
+
+def _standardize_backward(grad_hat: Tensor, w_hat: Tensor, rstd: Tensor) -> Tensor:
+    """J^T grad for grads (..., o, c, kh, kw) w.r.t. w_hat: rstd (G - mean(G) - w_hat mean(G w_hat)), as LayerNorm."""
+    dims = (-3, -2, -1)
+    return rstd * (grad_hat - grad_hat.mean(dims, keepdim=True) - w_hat * (grad_hat * w_hat).mean(dims, keepdim=True))
+
+
+def _ws_gram_sq_norms(patches: Tensor, gg: Tensor, y: Tensor, w_hat: Tensor, rstd: Tensor) -> Tensor:
+    """||J^T G_i||^2 without forming G_i = sum_t gg_t patches_t^T. Per output channel o, with n = c*kh*kw,
+    S1 = sum(G_io) and S2 = G_io . w_hat_o = sum_t gg_to y_to (y the bias-free output), and sum(w_hat_o) = 0:
+    ||J^T G_io||^2 = rstd_o^2 (||G_io||^2 - S1^2 / n - 2 S2^2 / n + S2^2 ||w_hat_o||^2 / n^2)."""
+    n = w_hat[0].numel()
+    r = rstd.flatten()  # (o,)
+    total = _gram_sq_norms(patches, gg * r)
+    s1 = torch.einsum("bto,bt->bo", gg, patches.sum(-1))
+    s2 = (gg * y).sum(1)
+    w_sq = w_hat.flatten(1).square().sum(1)  # (o,)
+    return total + (r.square() * (-s1.square() / n - 2 * s2.square() / n + s2.square() * w_sq / n**2)).sum(1)
+
+
+def _patches(a: Tensor, module: nn.Conv2d) -> Tensor:
+    """The conv's input patches, (N, L, c_in*kh*kw) for L output positions. A strided view copied once:
+    F.unfold (im2col) was several times slower on CPU for these shapes."""
+    ph, pw = module.padding
+    a = F.pad(a, (pw, pw, ph, ph))
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    n, c, height, width = a.shape
+    out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    s0, s1, s2, s3 = a.stride()
+    view = a.as_strided((n, out_h, out_w, c, kh, kw), (s0, sh * s2, sw * s3, s1, dh * s2, dw * s3))
+    return view.reshape(n, out_h * out_w, c * kh * kw)
+
+
+def _generic_rule(module: nn.Module, inputs: list[Tensor], g: Tensor, views: int) -> _LayerRule:
+    """Any other layer: explicit per-example gradients (Opacus's rule for its type, else torch.func)."""
+    params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+    sampler = GradSampleModule.GRAD_SAMPLERS.get(type(module))
+    if sampler is not None:
+        per_view = sampler(module, inputs, g)
+        per_view = [per_view[p] for p in params]
+    else:
+        per_view = _functorch_grad_samples(module, params, inputs, g)
+    batch = g.shape[0] // views
+    per_example = [s.reshape(batch, views, *s.shape[1:]).sum(1) for s in per_view]
+    sq = sum(s.reshape(batch, -1).square().sum(1) for s in per_example)
+
+    def clipped_sum(coef: Tensor) -> dict[nn.Parameter, Tensor]:
+        return {p: torch.einsum("b,b...->...", coef, s) for p, s in zip(params, per_example)}
+
+    return _LayerRule(sq, clipped_sum)
+
+
+def _functorch_grad_samples(module: nn.Module, params: list[nn.Parameter], inputs: list[Tensor], g: Tensor) -> list[Tensor]:
+    names = {id(p): name for name, p in module.named_parameters(recurse=False)}
+    values = {names[id(p)]: p.detach() for p in params}
+
+    def inner(values: dict[str, Tensor], args: tuple[Tensor, ...], g_one: Tensor) -> Tensor:
+        out = functional_call(module, values, tuple(t.unsqueeze(0) for t in args))
+        return (out * g_one.unsqueeze(0)).sum()
+
+    samples = vmap(grad(inner), in_dims=(None, 0, 0))(values, tuple(inputs), g)
+    return [samples[names[id(p)]] for p in params]
+
+
+# --- the Opacus reference path ------------------------------------------------------------------------------------
+
+
+def _hooks(model: nn.Module, x: Tensor, y: Tensor, *, max_grad_norm: float, views: int) -> ClipResult:
+    params = trainable_parameters(model)
+    saved = [p.grad for p in params]  # GradSampleModule's backward also fills .grad; leave it as it was
+    wrapped = GradSampleModule(model, loss_reduction="sum")
+    try:
+        losses, logits = _per_example_loss(wrapped(x), y, views)
+        losses.sum().backward()
+        batch = len(losses)
+        per_example = [p.grad_sample.reshape(batch, views, *p.shape).sum(1) for p in params]
+    finally:
+        wrapped.to_standard_module()  # removes Opacus's hooks and per-parameter attributes
+        for p, old in zip(params, saved):
+            p.grad = old
+    sq = sum(s.reshape(batch, -1).square().sum(1) for s in per_example)
+    norms, coef = _coefficients(sq, max_grad_norm)
+    grads = [torch.einsum("b,b...->...", coef, s) for s in per_example]
+    return ClipResult(grads=grads, losses=losses.detach(), logits=logits, norms=norms)

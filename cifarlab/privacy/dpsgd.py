@@ -1,0 +1,266 @@
+"""DP-SGD (Abadi et al. 2016) as a transformation of ordinary objects, in the manner of Opacus.
+
+    model = prepare_model(model)                     # BatchNorm -> GroupNorm, or a clear refusal
+    optimizer = build_optimizer(model, config.optim)
+    private = make_private(model, optimizer, data.train, epochs=30, target_epsilon=8.0, max_grad_norm=1.0)
+    fit(private.model, data=replace(data, train=private.loader), optimizer=private.optimizer,
+        train_step=private.train_step, on_epoch_end=private.on_epoch_end, extra_state={"privacy": private}, ...)
+
+Each logical batch is Poisson-sampled by the loader (each example joins independently with
+probability q; the size varies and may be 0), split into physical micro-batches, and every
+example's gradient, averaged over its `augmult` augmented views (De et al. 2022, arXiv:2204.13650),
+is clipped to norm C (cifarlab.privacy.clipping). Opacus's DPOptimizer then adds N(0, sigma^2 C^2)
+noise to the clipped sum once per logical batch (also to an empty one), divides by the expected
+batch size q*N, steps, and reports the step to the accountant.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from opacus.accountants import IAccountant
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from cifarlab.data.loader import BatchLoader
+from cifarlab.data.sources import Split
+from cifarlab.errors import ConfigError
+from cifarlab.privacy import accounting
+from cifarlab.privacy.clipping import CLIP_METHODS, check_fast_supported, clipped_grad_sum, trainable_parameters
+from cifarlab.train.engine import StepResult
+
+DEFAULT_GRAD_SAMPLE_MODE = "fast"  # benchmarks/dp_speed.py: faster than Opacus hooks and ghost clipping on CPU
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """A copy of `model` that DP-SGD can train: BatchNorm replaced by GroupNorm (with a warning), in-place
+    activations turned off (Opacus's hooks cannot see through them). ConfigError names any layer that
+    cannot be made private, says why, and what to do."""
+    if hasattr(model, "init_from_data"):
+        raise ConfigError(
+            f"{type(model).__name__} fits layers to training images before training (init_from_data); those "
+            "statistics would leak outside DP-SGD. Choose a model without data-dependent initialisation "
+            "(e.g. wrn with norm=group, cnn, tutorial)")
+    model = copy.deepcopy(model).train()
+    problems = _privacy_problems(model)
+    if problems:
+        model = ModuleValidator.fix(model)  # a copy with BatchNorm -> GroupNorm (Wu & He 2018)
+        replaced = [kind for name, kind, _ in problems if type(model.get_submodule(name)).__name__ != kind]
+        if replaced:
+            warnings.warn(
+                f"DP-SGD: replaced {len(replaced)} {'/'.join(sorted(set(replaced)))} layer(s) by GroupNorm: batch "
+                "statistics mix the examples of a batch, so per-example gradients (and the privacy guarantee) "
+                "do not exist with them", stacklevel=2)
+    remaining = _privacy_problems(model)
+    if remaining:
+        lines = "\n".join(f"  layer {name!r} ({kind}): {why}" for name, kind, why in remaining)
+        raise ConfigError(f"{type(model).__name__} cannot be trained with DP-SGD:\n{lines}\n"
+                          "Fix: replace these layers by per-example ones (GroupNorm, LayerNorm) or choose another model")
+    for module in model.modules():
+        if getattr(module, "inplace", False):
+            module.inplace = False
+    return model
+
+
+def _privacy_problems(model: nn.Module) -> list[tuple[str, str, str]]:
+    problems = []
+    for name, module in model.named_modules():
+        validator = ModuleValidator.VALIDATORS.get(type(module))
+        if validator is not None:  # also parameter-free ones: a BatchNorm without affine still mixes the batch
+            problems += [(name, type(module).__name__, str(error).split(". ")[0]) for error in validator(module)]
+    return problems
+
+
+class ParamEMA:
+    """Exponential moving average of the weights, for evaluation (Polyak & Juditsky 1992; used for DP-SGD by
+    De et al. 2022). The decay warms up as min(decay, (1 + t) / (10 + t)), TensorFlow's ExponentialMovingAverage
+    schedule, so early averages are not dominated by the random initialisation."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ConfigError(f"ema decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        averaged = self.model.state_dict()
+        for name, value in model.state_dict().items():
+            if averaged[name].device != value.device:
+                self.model.to(value.device)
+                averaged = self.model.state_dict()
+            if value.is_floating_point():
+                averaged[name].lerp_(value, 1 - decay)
+            else:
+                averaged[name].copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
+@dataclass
+class PrivateTraining:
+    """The private versions of model, optimizer and loader, plus the accountant and the batch step."""
+
+    model: nn.Module
+    optimizer: DPOptimizerFastGradientClipping
+    loader: BatchLoader
+    accountant: IAccountant
+    accountant_name: str
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    sample_rate: float
+    poisson: bool
+    augmult: int
+    physical_batch_size: int | None
+    grad_sample_mode: str
+    target_epsilon: float | None = None
+    ema: ParamEMA | None = None
+    epsilon_history: list[float] = field(default_factory=list)
+
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                   y: torch.Tensor) -> StepResult:
+        """One DP-SGD step on a logical batch: x (B * augmult, ...) with each example's views adjacent, y likewise.
+
+        B may be 0 (Poisson sampling): the step then adds noise only, as the analysis assumes.
+        """
+        if optimizer is not self.optimizer:
+            raise RuntimeError("DP-SGD step called with a non-private optimizer; pass optimizer=private.optimizer to fit")
+        views = self.augmult
+        params = trainable_parameters(model)
+        sums = [torch.zeros_like(p) for p in params]
+        loss_sum, correct = torch.zeros((), device=y.device), torch.zeros((), dtype=torch.long, device=y.device)
+        rows = (self.physical_batch_size or max(1, len(y) // views)) * views
+        for xs, ys in zip(x.split(rows), y.split(rows)):
+            if len(ys) == 0:
+                continue
+            result = clipped_grad_sum(model, xs, ys, max_grad_norm=self.max_grad_norm, views=views,
+                                      method=self.grad_sample_mode)
+            sums = [s + g for s, g in zip(sums, result.grads)]
+            loss_sum = loss_sum + result.losses.sum()
+            correct = correct + (result.logits.argmax(1) == ys[::views]).sum()
+        for p, s in zip(params, sums):
+            p.grad = s
+        optimizer.step()  # + N(0, sigma^2 C^2), / (q N), the update, accountant.step
+        optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(model)
+        return StepResult(loss_sum.detach(), correct, len(y) // views)
+
+    @property
+    def steps(self) -> int:
+        return sum(steps for _, _, steps in self.accountant.history)
+
+    def epsilon(self) -> float:
+        return accounting.accountant_epsilon(self.accountant, self.delta)
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, float]:
+        """The epoch's row of metrics.csv gets the epsilon spent so far."""
+        self.epsilon_history.append(self.epsilon())
+        return {"epsilon": self.epsilon_history[-1]}
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights to evaluate and release: the EMA copy when enabled, else the trained model."""
+        return self.ema.model if self.ema is not None else self.model
+
+    def summary(self) -> dict[str, Any]:
+        """The run's privacy facts, for summary.json."""
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sampling_rate": self.sample_rate,
+            "steps": self.steps,
+            "poisson": self.poisson,
+            "accountant": self.accountant_name,
+            "target_epsilon": self.target_epsilon,
+            "max_grad_norm": self.max_grad_norm,
+            "expected_batch_size": self.optimizer.expected_batch_size,
+            "augmult": self.augmult,
+            "ema": self.ema.decay if self.ema is not None else None,
+            "grad_sample_mode": self.grad_sample_mode,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """For checkpoints and resume: the accountant's history (and the EMA weights)."""
+        state: dict[str, Any] = {"accountant": dict(self.accountant.state_dict()),
+                                 "epsilon_history": list(self.epsilon_history)}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.epsilon_history = list(state["epsilon_history"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: BatchLoader, *, epochs: int,
+                 max_grad_norm: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                 delta: float = accounting.DEFAULT_DELTA, accountant: str = accounting.DEFAULT_ACCOUNTANT,
+                 poisson: bool = True, augmult: int = 1, physical_batch_size: int | None = None,
+                 ema: float | None = None, grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> PrivateTraining:
+    """Wrap `optimizer` (built over `model`, itself from prepare_model) and re-sample `loader` for DP-SGD.
+
+    Give `noise_multiplier`, or `target_epsilon` to solve for it over `epochs` epochs. The inputs are not changed.
+    """
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ConfigError("give exactly one of noise_multiplier and target_epsilon")
+    if grad_sample_mode not in CLIP_METHODS:
+        raise ConfigError(f"unknown grad_sample_mode {grad_sample_mode!r}; valid: {', '.join(CLIP_METHODS)}")
+    if max_grad_norm <= 0 or augmult < 1 or epochs < 1 or (physical_batch_size is not None and physical_batch_size < 1):
+        raise ConfigError(f"need max_grad_norm > 0, augmult >= 1, epochs >= 1, physical_batch_size >= 1; got "
+                          f"{max_grad_norm}, {augmult}, {epochs}, {physical_batch_size}")
+    accounting.check_delta(delta, loader.num_examples)
+    problems = _privacy_problems(model)
+    if problems or hasattr(model, "init_from_data"):
+        raise ConfigError("the model has layers DP-SGD cannot train (e.g. BatchNorm); pass it through "
+                          "cifarlab.privacy.prepare_model first")
+    if grad_sample_mode == "fast":
+        check_fast_supported(model)
+    params = trainable_parameters(model)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if in_optimizer != {id(p) for p in params}:
+        raise ConfigError("the optimizer must hold exactly the model's trainable parameters "
+                          "(build it after prepare_model, from the prepared model)")
+    if not poisson:
+        warnings.warn("DP-SGD without Poisson sampling: batches are shuffled, so the reported epsilon (which assumes "
+                      "Poisson sampling) is not a formal guarantee for this run", stacklevel=2)
+    if getattr(loader.preprocess, "kind", "none") != "none":
+        warnings.warn(f"the input preprocessing ({loader.preprocess.kind}) was fitted on the private training images "
+                      "outside DP-SGD; use data.preprocess 'none' for an end-to-end guarantee", stacklevel=2)
+
+    private_loader = BatchLoader(Split(images=loader.images, labels=loader.labels), batch_size=loader.batch_size,
+                                 preprocess=loader.preprocess, augment=loader.augment,
+                                 sampling="poisson" if poisson else "shuffle", views=augmult)
+    sample_rate = private_loader.sample_rate
+    if target_epsilon is not None:
+        noise_multiplier = accounting.noise_for_target_epsilon(
+            target_epsilon, delta=delta, sample_rate=sample_rate, steps=epochs * len(private_loader),
+            accountant=accountant)
+    elif noise_multiplier <= 0:
+        raise ConfigError(f"noise_multiplier must be > 0 for DP-SGD, got {noise_multiplier}")
+    acc = accounting.create_accountant(accountant)
+    dp_optimizer = DPOptimizerFastGradientClipping(
+        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=max(1, round(sample_rate * loader.num_examples)), loss_reduction="mean")
+    dp_optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return PrivateTraining(
+        model=model, optimizer=dp_optimizer, loader=private_loader, accountant=acc, accountant_name=accountant,
+        noise_multiplier=float(noise_multiplier), max_grad_norm=max_grad_norm, delta=delta, sample_rate=sample_rate,
+        poisson=poisson, augmult=augmult, physical_batch_size=physical_batch_size, grad_sample_mode=grad_sample_mode,
+        target_epsilon=target_epsilon, ema=ParamEMA(model, ema) if ema is not None else None)

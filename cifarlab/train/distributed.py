@@ -1,0 +1,119 @@
+"""Data-parallel training over several processes with PyTorch DistributedDataParallel, started by torchrun.
+
+    torchrun --nproc_per_node=4 -m cifarlab train --recipe fast-gpu94 --data ...
+
+torchrun starts one process per GPU (or CPU worker) and sets RANK, WORLD_SIZE and LOCAL_RANK. Every process holds
+the whole dataset and draws the same epoch permutation and augmentation from the shared epoch seed; each trains on
+its slice of every global batch (batch_size / world_size examples) and DDP averages the gradients, so the weights
+follow single-process training with the same global batch: exactly (up to float summation order) for models
+without BatchNorm, closely with it (BN normalises over each rank's slice). Per-epoch sums (loss, correct, count)
+are added over ranks; only rank 0 writes files and shows progress.
+
+The engine calls `shard_loader`, `wrap_model` and `all_reduce_sums`; each is the identity in a single process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cifarlab.data.loader import BatchLoader
+from cifarlab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the group (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def context() -> Context:
+    if dist.is_available() and dist.is_initialized():
+        return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return Context()
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join the process group when torchrun started us (WORLD_SIZE > 1); return this process's device.
+
+    NCCL on CUDA (each process takes GPU LOCAL_RANK), gloo on CPU. Without torchrun: `device`, nothing else.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ConfigError(f"distributed training runs on CUDA (nccl) or CPU (gloo), not on {device.type}")
+    if not dist.is_initialized():  # joined already by an earlier run in this process (e.g. bench's seeds)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ShardedLoader(BatchLoader):
+    """A BatchLoader yielding only this rank's slice of every global batch.
+
+    Each rank augments the whole global batch and keeps its slice, so the random draws match a single process
+    example for example; crop and flip of a batch cost little next to the model's forward and backward.
+    """
+
+    def __init__(self, loader: BatchLoader, *, rank: int, world_size: int) -> None:
+        vars(self).update(vars(loader))  # the same images, preprocessing and augmentation; no tensor is copied
+        self.rank, self.world_size = rank, world_size
+
+    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in super().batches(generator):
+            if len(y) < self.world_size:  # a last partial batch too small to give every rank an example: skipped
+                continue
+            yield x.tensor_split(self.world_size)[self.rank], y.tensor_split(self.world_size)[self.rank]
+
+
+def shard_loader(loader: BatchLoader) -> BatchLoader:
+    ctx = context()
+    if ctx.world_size == 1:
+        return loader
+    if loader.sampling == "poisson" or loader.views > 1:
+        raise ConfigError("DP-SGD (Poisson sampling, augmult) runs in a single process; start it without torchrun")
+    if loader.batch_size % ctx.world_size:
+        raise ConfigError(f"train.batch_size {loader.batch_size} must be divisible by the {ctx.world_size} processes")
+    return ShardedLoader(loader, rank=ctx.rank, world_size=ctx.world_size)
+
+
+def wrap_model(model: nn.Module) -> nn.Module:
+    """DistributedDataParallel around `model` (already on this process's device) when there are several ranks.
+
+    DDP's defaults: rank 0's weights and buffers are copied to all ranks at the start, and its buffers (BatchNorm
+    running statistics) before every forward, so every rank evaluates the same model.
+    """
+    ctx = context()
+    if ctx.world_size == 1:
+        return model
+    device = next(model.parameters()).device
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def all_reduce_sums(*values: torch.Tensor | float) -> tuple[torch.Tensor | float, ...]:
+    """Each value summed over the ranks (as floats); in a single process the values themselves, untouched."""
+    if context().world_size == 1:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    sums = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return tuple(sums.tolist())

@@ -1,0 +1,102 @@
+"""DP-SGD that is SGLD: posterior samples and a privacy guarantee from the same run (Li, Chen, Wang & Carin,
+"On Connecting Stochastic Gradient MCMC and Differential Privacy", AISTATS 2019, arXiv:1712.09097).
+
+DP-SGD with learning rate eta, expected batch b, noise multiplier sigma and clipping norm C updates
+theta <- theta - eta * (sum_i clip_C(g_i) + sigma * C * xi) / b, xi ~ N(0, I). When no gradient is clipped the
+noise per coordinate has std eta * sigma * C / b; SGLD at temperature T (cifarlab.uncertainty.sgld) has
+sqrt(2 * eta * T / n). They agree when
+
+    C = b * sqrt(2 T) / (sigma * sqrt(eta * n))        (T = 1: Li et al.'s formula)
+
+so DP-SGD with this C and no momentum samples the posterior while clipping is inactive, and the accountant
+still bounds the privacy spent, clipped or not. C follows eta when the schedule changes it.
+Trains through Opacus (GradSampleModule + DPOptimizer) directly, with the run's own Poisson-sampling loader.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from cifarlab.errors import ConfigError
+from cifarlab.privacy.accounting import DEFAULT_ACCOUNTANT, DEFAULT_DELTA, check_delta, epsilon
+from cifarlab.train.engine import StepResult
+
+
+def sgld_clip_norm(*, batch_size: float, noise_multiplier: float, lr: float, num_data: int,
+                   temperature: float = 1.0) -> float:
+    """C = b sqrt(2T) / (sigma sqrt(eta n)): the clipping norm at which DP-SGD's noise is SGLD's."""
+    if min(batch_size, noise_multiplier, lr, num_data, temperature) <= 0:
+        raise ConfigError(
+            f"SGLD-DP needs positive batch size, noise multiplier, lr, data size and temperature; got "
+            f"b={batch_size}, sigma={noise_multiplier}, lr={lr}, n={num_data}, T={temperature}"
+        )
+    return batch_size * math.sqrt(2 * temperature) / (noise_multiplier * math.sqrt(lr * num_data))
+
+
+class SGLDDP:
+    """Wraps a model for DP-SGD-as-SGLD training with the engine: pass `model`, `optimizer`, `train_step`.
+
+    The model is instrumented in place by Opacus (per-sample gradient hooks on its layers), so the engine
+    trains and checkpoints the ordinary module. The loader must sample Poisson batches of expected size
+    `batch_size` over `num_data` examples, which is what the accountant assumes.
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float, num_data: int, batch_size: int, noise_multiplier: float,
+                 weight_decay: float = 0.0, temperature: float = 1.0, delta: float = DEFAULT_DELTA,
+                 accountant: str = DEFAULT_ACCOUNTANT) -> None:
+        check_delta(delta, num_data)
+        self.num_data, self.batch_size, self.temperature = num_data, batch_size, temperature
+        self.noise_multiplier, self.delta, self.accountant = noise_multiplier, delta, accountant
+        self.model = model
+        try:
+            self._grad_sample = GradSampleModule(model)  # registers hooks on model's layers
+        except NotImplementedError as error:  # Opacus refuses batch norm: it mixes examples
+            raise ConfigError(f"sgld-dp cannot train this model: {error}; use one without batch norm "
+                              "(e.g. cnn, or wrn with model.args.norm=group)") from None
+        # no momentum: Li et al.'s equivalence is for plain SGD; weight decay is the Gaussian prior, not clipped
+        sgd = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.optimizer = DPOptimizer(sgd, noise_multiplier=noise_multiplier, max_grad_norm=self._clip_norm(lr),
+                                     expected_batch_size=batch_size)
+        self.steps = self.clipped = self.examples = 0
+
+    def _clip_norm(self, lr: float) -> float:
+        return sgld_clip_norm(batch_size=self.batch_size, noise_multiplier=self.noise_multiplier, lr=lr,
+                              num_data=self.num_data, temperature=self.temperature)
+
+    @property
+    def max_grad_norm(self) -> float:
+        return self.optimizer.max_grad_norm
+
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                   y: torch.Tensor) -> StepResult:
+        """One DP-SGD step with C matched to the current lr; counts examples whose gradient was clipped."""
+        self.steps += 1  # an empty Poisson batch is a step too: the accountant counts it
+        optimizer.zero_grad(set_to_none=True)
+        if len(y) == 0:  # nothing to release; the noise-only update is skipped (it carries no data)
+            return StepResult(0.0, 0, 0)
+        self.optimizer.max_grad_norm = self._clip_norm(optimizer.param_groups[0]["lr"])
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no gradient
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in self.optimizer.grad_samples], dim=1).norm(dim=1)
+        self.clipped += int((norms > self.optimizer.max_grad_norm).sum())
+        self.examples += len(y)
+        optimizer.step()
+        return StepResult(loss.detach() * len(y), (logits.argmax(1) == y).sum(), len(y))
+
+    def clipped_fraction(self) -> float:
+        """Share of per-example gradients clipped so far: where it is not ~0 the run is not exactly SGLD."""
+        return self.clipped / max(1, self.examples)
+
+    def epsilon(self) -> float:
+        """Privacy spent by the steps taken so far (Poisson rate b / n)."""
+        return epsilon(sample_rate=self.batch_size / self.num_data, noise_multiplier=self.noise_multiplier,
+                       steps=self.steps, delta=self.delta, accountant=self.accountant)

@@ -1,0 +1,161 @@
+"""Per-example clipping against a slow reference: one example at a time, plain autograd."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarlab.errors import ConfigError
+from cifarlab.models.layers import WSConv2d
+from cifarlab.privacy.clipping import check_fast_supported, clipped_grad_sum, trainable_parameters
+
+
+
+class EveryRule(nn.Module):
+    """One layer for each rule of the fast path: conv by grouped per-example gradients (c1, c3 grouped),
+    conv by Gram norms (c4), GroupNorm (Opacus's rule), weight-standardised conv by per-example gradients (c2)
+    and by Gram norms (c5; with 3 views both switch to per-example gradients), linear;
+    an in-place ReLU on a conv output (the backward capture must see the pre-ReLU gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.gn = nn.GroupNorm(2, 4)
+        self.c2 = WSConv2d(4, 8, 3, stride=2, padding=1, bias=False)
+        self.c3 = nn.Conv2d(8, 32, 3, padding=1, groups=2)
+        self.c4 = nn.Conv2d(32, 32, 3, padding=1)  # 4x4 output: T(d+o) < d*o, the Gram rule
+        self.c5 = WSConv2d(32, 32, 3, padding=1)  # the Gram rule for a standardised weight
+        self.fc = nn.Linear(32 * 2 * 2, 10)
+
+    def forward(self, x):
+        x = self.gn(self.relu(self.c1(x)))
+        x = F.relu(self.c3(F.relu(self.c2(x))))
+        x = F.max_pool2d(F.relu(self.c5(self.relu(self.c4(x)))), 2)
+        return self.fc(x.flatten(1))
+
+
+def reference(model, x, y, *, max_grad_norm, views):
+    """sum_i min(1, C/||g_i||) g_i with g_i the gradient of example i's view-averaged loss, one example at a time."""
+    params = trainable_parameters(model)
+    total, norms = [torch.zeros_like(p) for p in params], []
+    for i in range(len(y) // views):
+        rows = slice(i * views, (i + 1) * views)
+        grads = torch.autograd.grad(F.cross_entropy(model(x[rows]), y[rows]), params)
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        norms.append(norm)
+        total = [t + min(1.0, max_grad_norm / (norm.item() + 1e-6)) * g for t, g in zip(total, grads)]
+    return total, torch.stack(norms)
+
+
+def close(got, want, rel=1e-5):
+    """Equal up to float32 rounding, relative to the tensor's size (elementwise rtol fails near zero)."""
+    return (got - want).norm() <= rel * want.norm() + 1e-7
+
+
+def batch(n, views, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n * views, 3, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g).repeat_interleave(views)
+    return x, y
+
+
+@pytest.mark.parametrize("method", ["fast", "hooks"])
+@pytest.mark.parametrize("views", [1, 3])
+def test_clipped_sum_matches_one_example_at_a_time(method, views):
+    torch.manual_seed(0)
+    model = EveryRule()
+    if method == "hooks":  # Opacus's hooks cannot see through in-place ops (prepare_model turns them off)
+        model.relu.inplace = False
+    x, y = batch(6, views)
+    C = 0.5  # below every norm here, so every example is clipped ...
+    expected, norms = reference(model, x, y, max_grad_norm=C, views=views)
+    result = clipped_grad_sum(model, x, y, max_grad_norm=C, views=views, method=method)
+    assert torch.allclose(result.norms, norms, rtol=1e-4)
+    assert (norms > C).all()
+    for got, want in zip(result.grads, expected):
+        assert close(got, want)
+    # ... and with a large C nothing is clipped: the plain sum of gradients.
+    loose, _ = reference(model, x, y, max_grad_norm=1e6, views=views)
+    for got, want in zip(clipped_grad_sum(model, x, y, max_grad_norm=1e6, views=views, method=method).grads, loose):
+        assert close(got, want)
+
+
+@pytest.mark.parametrize("method", ["fast", "hooks"])
+def test_every_clipped_example_has_norm_at_most_C(method):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    x, y = batch(8, 1, seed=1)
+    C = 0.3
+    for i in range(len(y)):
+        one = clipped_grad_sum(model, x[i:i + 1], y[i:i + 1], max_grad_norm=C, method=method)
+        clipped_norm = torch.sqrt(sum(g.square().sum() for g in one.grads))
+        assert clipped_norm <= C * (1 + 1e-5)
+        assert clipped_norm == pytest.approx(min(C, one.norms.item()), rel=1e-4)
+
+
+def test_losses_and_logits_are_per_example_view_averages():
+    torch.manual_seed(2)
+    model = EveryRule()
+    x, y = batch(4, 2, seed=2)
+    result = clipped_grad_sum(model, x, y, max_grad_norm=1.0, views=2)
+    with torch.no_grad():
+        logits = model(x)
+    assert torch.allclose(result.logits, logits.view(4, 2, 10).mean(1), atol=1e-5)
+    assert torch.allclose(result.losses, F.cross_entropy(logits, y, reduction="none").view(4, 2).mean(1), atol=1e-5)
+
+
+def test_model_is_left_as_it_was():
+    model = EveryRule()
+    x, y = batch(3, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    clipped_grad_sum(model, x, y, max_grad_norm=1.0)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.c1._forward_hooks
+
+
+def test_unsupported_models_are_refused_with_the_layer_name():
+    class Owner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.scale * self.fc(x)
+
+    with pytest.raises(ConfigError, match="owns parameters"):
+        check_fast_supported(nn.Sequential(Owner()))
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    with pytest.raises(ConfigError, match="ran twice"):
+        clipped_grad_sum(Tied(), torch.randn(2, 4), torch.tensor([0, 1]), max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="valid: fast, hooks"):
+        clipped_grad_sum(Tied(), torch.randn(2, 4), torch.tensor([0, 1]), max_grad_norm=1.0, method="ghost")
+
+
+@pytest.mark.parametrize("stride,dilation,padding", [(1, 1, 1), (2, 1, 0), (2, 2, (1, 2))])
+def test_patches_are_unfold(stride, dilation, padding):
+    from cifarlab.privacy.clipping import _patches
+    conv = nn.Conv2d(3, 4, 3, stride=stride, dilation=dilation, padding=padding)
+    a = torch.randn(2, 3, 9, 9)
+    expected = F.unfold(a, 3, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    assert torch.equal(_patches(a, conv), expected)
+
+
+@pytest.mark.parametrize("width", [3, 64])  # explicit per-example gradients vs Gram norms for a sequence input
+def test_linear_over_positions(width):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, width), nn.Flatten(), nn.Linear(5 * width, 10))
+    x, y = torch.randn(8, 5, 64), torch.randint(0, 10, (8,))
+    expected, norms = reference(model, x, y, max_grad_norm=0.1, views=1)
+    result = clipped_grad_sum(model, x, y, max_grad_norm=0.1)
+    assert torch.allclose(result.norms, norms, rtol=1e-4)
+    assert all(close(got, want) for got, want in zip(result.grads, expected))

@@ -1,0 +1,60 @@
+"""train_uncertainty / evaluate_run end to end on 1,000 real CIFAR-10 images with the small tutorial net."""
+import json
+
+import pytest
+
+from cifarlab.config import RunConfig
+from cifarlab.errors import CheckpointError, ConfigError
+from cifarlab.uncertainty.train import UncertaintyConfig, evaluate_run, train_uncertainty
+
+
+
+def _config(root, epochs: int = 2, model: str = "tutorial") -> RunConfig:
+    return RunConfig.from_dict({
+        "data": {"path": str(root), "val_size": 80, "classes": [0, 1, 2, 3, 4, 5, 6, 7], "download": False},
+        "model": {"name": model},
+        "optim": {"lr": 0.05, "schedule": "constant", "weight_decay": 5e-4},
+        "train": {"epochs": epochs, "batch_size": 50, "device": "cpu", "progress": False},
+    })
+
+
+def _options(method: str, **kw) -> UncertaintyConfig:
+    return UncertaintyConfig(method=method, corruptions=["contrast"], severities=[5], corruption_images=40, **kw)
+
+
+def test_sgld_run_folder_and_reevaluation(small_cifar, tmp_path):
+    summary = train_uncertainty(_config(small_cifar), _options("sgld", burn_in=0), run_dir=tmp_path / "run")
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["sample_0000.pt", "sample_0001.pt"]
+    assert summary["posterior_samples"] == 2 and summary["train_images"] == 720  # 8 classes x 100 - 80 val
+    assert 0 <= summary["test"]["ece"] <= 1 and summary["temperature"] > 0 and 0 <= summary["ood_auroc"] <= 1
+    assert "posterior_samples" in (run / "metrics.csv").read_text().splitlines()[0]
+    for name in ("config.yaml", "uncertainty.yaml", "uncertainty.json", "reliability.png", "corruption.png"):
+        assert (run / name).is_file()
+    saved = json.loads((run / "uncertainty.json").read_text())
+    assert saved["ood_images"] == 40 and saved["corruptions"]["contrast"].keys() == {"0", "5"}
+    again = evaluate_run(run, device="cpu")  # from the files alone: the same numbers
+    assert again["test"] == pytest.approx(saved["test"]) and again["ood_auroc"] == pytest.approx(saved["ood_auroc"])
+    with pytest.raises(ConfigError, match="already holds"):
+        train_uncertainty(_config(small_cifar), _options("sgld", burn_in=0), run_dir=run)
+
+
+def test_ensemble_and_sgld_dp(small_cifar, tmp_path):
+    ensemble = train_uncertainty(_config(small_cifar, epochs=1), _options("ensemble", members=2),
+                                 run_dir=tmp_path / "e")
+    assert (tmp_path / "e" / "member_1" / "best.pt").is_file() and ensemble["test"]["accuracy"] > 0
+    dp = train_uncertainty(_config(small_cifar, epochs=1), _options("sgld-dp", burn_in=0), run_dir=tmp_path / "dp")
+    assert dp["epsilon"] > 0 and 0 <= dp["clipped_fraction"] <= 1 and dp["posterior_samples"] == 1
+    header = (tmp_path / "dp" / "metrics.csv").read_text().splitlines()[0]
+    assert "epsilon" in header and "clipped_fraction" in header
+
+
+def test_bad_methods_and_models_are_refused(small_cifar, tmp_path):
+    with pytest.raises(ConfigError, match="valid: none, mc-dropout, ensemble, sgld, sgld-dp"):
+        train_uncertainty(_config(small_cifar), UncertaintyConfig(method="swag"), run_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match="burn_in"):
+        train_uncertainty(_config(small_cifar), UncertaintyConfig(method="sgld", burn_in=2), run_dir=tmp_path / "b")
+    with pytest.raises(ConfigError, match="mc-dropout needs a model with dropout"):
+        train_uncertainty(_config(small_cifar), _options("mc-dropout"), run_dir=tmp_path / "c")
+    with pytest.raises(CheckpointError, match="not an uncertainty run"):
+        evaluate_run(tmp_path)
