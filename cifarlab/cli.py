@@ -284,6 +284,14 @@ def cmd_uncertainty(args: argparse.Namespace) -> None:
     print(format_table(uncertainty.comparison_rows(runs), list(uncertainty.COMPARISON_COLUMNS)))
 
 
+def cmd_privacy_audit(args: argparse.Namespace) -> None:
+    from cifarlab.privacy.audit import audit_checkpoint
+
+    result = audit_checkpoint(args.checkpoint, data_path=args.data, count=args.count, seed=args.seed, device=args.device)
+    for key, value in result.items():
+        print(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
@@ -346,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--class-name", help="add: name of the new class")
     sub.add_argument("--images", help="add: folder of the new class's images")
     sub.add_argument("--checkpoint", help="add: backbone checkpoint (default: the one recorded in the state)")
+
+    privacy = command("privacy", None, "privacy tools").add_subparsers(dest="privacy_command", required=True, metavar="ACTION")
+    sub = command("audit", cmd_privacy_audit, "loss-threshold membership inference: attack AUC on a checkpoint",
+                  parent=privacy)  # fmt: skip
+    sub.add_argument("--checkpoint", required=True, help="a best.pt/last.pt or a run folder")
+    sub.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
+    sub.add_argument("--count", type=int, default=5000, help="members and non-members each")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--device", choices=DEVICES, default="auto")
 
     sub = command("uncertainty", cmd_uncertainty, "predictive uncertainty: SGLD, MC dropout, ensembles")
     sub.add_argument("action", choices=("sine", "train", "eval", "compare"),

@@ -171,6 +171,8 @@ class RunConfig:
     def validate(self) -> None:
         for part in (self.data, self.model, self.optim, self.train, self.dp):
             part.validate()
+        if self.dp.enabled and self.train.compile:
+            raise ConfigError("train.compile cannot be combined with dp: the per-example gradient hooks are not compile-safe")
         if self.optim.schedule == "multistep" and not self.optim.milestones:
             raise ConfigError("optim.schedule 'multistep' needs optim.milestones (epochs)")
         if self.optim.warmup_epochs >= self.train.epochs:

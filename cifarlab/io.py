@@ -38,6 +38,31 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
+def save_tensors(path: str | Path, payload: Any) -> Path:
+    """torch.save a dict of tensors and plain values atomically (checkpoints, states, posterior samples)."""
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_tensors(path: str | Path, *, what: str) -> Any:
+    """Read what `save_tensors` wrote with `weights_only=True`: tensors and plain containers only, never code.
+
+    Raises CheckpointError naming the file and `what` it should have been when it is missing or unreadable.
+    """
+    import torch
+
+    from cifarlab.errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated files, other formats, pickles with code: all refused here
+        raise CheckpointError(f"{path} is not a readable {what}: {error}") from None
+
+
 def write_yaml(path: str | Path, obj: Any) -> Path:
     return write_text(path, yaml.safe_dump(obj, sort_keys=False))
 

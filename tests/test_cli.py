@@ -153,3 +153,24 @@ def test_continual_trains_a_base_then_adds_classes_and_a_folder(small_cifar: Pat
     assert main(["continual", "add", "--state", str(state), "--class-name", "truck", "--images",
                  str(small_cifar / "train" / "truck"), "--device", "cpu"]) == 0  # fmt: skip
     assert "truck" in capsys.readouterr().out
+
+
+def test_dp_training_reports_its_privacy_and_can_be_audited(small_cifar: Path, tmp_path: Path, capsys):
+    out = tmp_path / "dp"
+    with pytest.warns(UserWarning, match="replaced 3 BatchNorm2d layer.s. by GroupNorm"):  # the user is told once
+        code = main([
+            "train", "--data", str(small_cifar), "--model", "cnn_bn", "--epochs", "2", "--batch-size", "100",
+            "--train-subset", "400", "--lr", "0.5", "--momentum", "0", "--schedule", "constant", "--weight-decay", "0",
+            "--preprocess", "none", "--dp", "--target-epsilon", "8", "--max-grad-norm", "1.0", "--augmult", "2",
+            "--ema", "0.9", "--device", "cpu", "--no-progress", "--out", str(out),
+        ])  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 7.5 < summary["epsilon"] <= 8.0 and summary["delta"] == 1e-5 and summary["poisson"] is True
+    assert summary["sampling_rate"] == pytest.approx(0.25) and summary["steps"] == 8
+    with open(out / "metrics.csv") as f:
+        epsilons = [float(r["epsilon"]) for r in csv.DictReader(f)]
+    assert epsilons[0] < epsilons[1] == pytest.approx(summary["epsilon"])
+    assert main(["eval", "--checkpoint", str(out), "--data", str(small_cifar), "--device", "cpu"]) == 0
+    assert main(["privacy", "audit", "--checkpoint", str(out), "--count", "100", "--device", "cpu"]) == 0
+    assert "auc" in capsys.readouterr().out

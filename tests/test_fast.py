@@ -102,6 +102,9 @@ def test_lookahead_moves_weights_to_the_slow_copy_every_k_steps():
     before = param.detach().clone()
     model(x)
     assert torch.equal(param.detach(), before)  # evaluation never ticks
+    resumed = fast(**TINY, lookahead_every=k, lookahead_alpha=alpha)
+    resumed.load_state_dict(model.state_dict())
+    assert resumed.lookahead_steps == 7  # the phase of the k-step cycle survives a checkpoint
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -116,7 +119,7 @@ def test_bad_arguments_name_the_argument(kwargs, words):
         fast(**kwargs)
 
 
-@pytest.mark.parametrize("name", ["fast-cpu", "fast-gpu94", "fast-gpu95", "fast-gpu96"])
+@pytest.mark.parametrize("name", ["fast-cpu", "fast-cpu90", "fast-gpu94", "fast-gpu95", "fast-gpu96"])
 def test_fast_recipes_validate_and_build(name):
     config = RunConfig.from_dict(load_recipe(name), source=name)
     assert isinstance(create_model(config.model.name, **config.model.args), FastNet)

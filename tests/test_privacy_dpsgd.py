@@ -85,13 +85,13 @@ def test_physical_micro_batches_give_the_same_step():
     x = torch.randn(10, 3, 8, 8)
     y = torch.randint(0, 10, (10,))
     params = []
-    for physical in (None, 3):
-        private = private_setup(physical_batch_size=physical)
+    for physical, mode in ((None, "fast"), (3, "fast"), (4, "hooks")):
+        private = private_setup(physical_batch_size=physical, grad_sample_mode=mode)
         torch.manual_seed(5)  # the same noise
         private.train_step(private.model, private.optimizer, x, y)
         params.append(torch.cat([p.detach().flatten() for p in private.model.parameters()]))
         assert private.steps == 1  # one optimizer (and accountant) step per logical batch
-    assert torch.allclose(params[0], params[1], atol=1e-6)
+    assert torch.allclose(params[0], params[1], atol=1e-6) and torch.allclose(params[0], params[2], atol=1e-6)
 
 
 def test_augmult_step_averages_views_before_clipping():

@@ -16,7 +16,7 @@ from torch import Tensor
 from cifarlab.continual.features import Backbone, check_same_backbone, describe_backbone, extract_features
 from cifarlab.continual.stats import ClassStats, FeatureStats, StreamStats
 from cifarlab.errors import CheckpointError, ConfigError, DataError
-from cifarlab.io import atomic_write
+from cifarlab.io import load_tensors, save_tensors
 from cifarlab.train.checkpoint import load_model
 from cifarlab.train.engine import resolve_device
 from cifarlab.train.inference import read_image
@@ -88,17 +88,11 @@ def state_from_dict(payload: Any, *, source: str = "state") -> ContinualState:
 def save_state(path: str | Path, state: ContinualState) -> Path:
     """Write the state atomically: the file holds either the old or the new state, never half."""
     payload = state_to_dict(state)
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return save_tensors(path, payload)
 
 
 def load_state(path: str | Path) -> ContinualState:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"continual state {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated files, other formats, pickles with code: all refused here
-        raise CheckpointError(f"{path} is not a readable continual state: {error}") from None
+    payload = load_tensors(path, what="continual state")
     return state_from_dict(payload, source=str(path))
 
 

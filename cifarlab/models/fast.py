@@ -88,8 +88,8 @@ class FastNet(CifarModel):
             in_ch = width
         self.blocks = nn.Sequential(*layers)
         self.fc = nn.Linear(in_ch, num_classes)
+        self.lookahead_steps = 0  # a Python int, so counting costs no device sync; saved by get_extra_state
         if lookahead_every:
-            self.register_buffer("lookahead_steps", torch.zeros((), dtype=torch.int64))
             for i, param in enumerate(self.parameters()):
                 self.register_buffer(f"lookahead_slow_{i}", param.detach().clone())
 
@@ -135,12 +135,18 @@ class FastNet(CifarModel):
     def _lookahead_tick(self) -> None:
         """Called before every training forward, i.e. after every optimizer step (the first call: none yet)."""
         self.lookahead_steps += 1
-        if int(self.lookahead_steps) % self.lookahead_every:
+        if self.lookahead_steps % self.lookahead_every:
             return
         for i, param in enumerate(self.parameters()):
             slow = getattr(self, f"lookahead_slow_{i}")
             slow.lerp_(param, self.lookahead_alpha)
             param.copy_(slow)
+
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor(self.lookahead_steps)  # a tensor: checkpoints load with weights_only=True
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.lookahead_steps = int(state)
 
 
 @register_model

@@ -78,16 +78,14 @@ def noise_for_target_epsilon(target_epsilon: float, *, delta: float, sample_rate
         raise ConfigError(f"target_epsilon={target_epsilon:g} must be a positive number")
     create_accountant(accountant)  # validates the name
     try:
-        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                     sample_rate=sample_rate, steps=steps, accountant=accountant)
+        sigma = _solve(target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
     except RuntimeError as err:
         if accountant != "prv":
             raise
         warnings.warn(f"PRV accountant failed ({err}); solving for the noise with RDP instead",
                       stacklevel=2)
         accountant = "rdp"
-        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                     sample_rate=sample_rate, steps=steps, accountant=accountant)
+        sigma = _solve(target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
     except ValueError as err:  # Opacus: "The privacy budget is too low."
         raise ConfigError(f"target_epsilon={target_epsilon:g} is unreachable for q={sample_rate:g}, "
                           f"{steps} steps, delta={delta:g} ({err})") from err
@@ -96,6 +94,15 @@ def noise_for_target_epsilon(target_epsilon: float, *, delta: float, sample_rate
     if spent > target_epsilon:  # a guarantee, so checked even under python -O
         raise RuntimeError(f"noise solve ended above target: epsilon {spent} > {target_epsilon}")
     return float(sigma)
+
+
+def _solve(target_epsilon: float, *, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    with warnings.catch_warnings():
+        # The bisection tries very large noise levels whose best RDP order is the largest one; that notice
+        # is irrelevant to the solution (the final epsilon is recomputed, and warns, outside this block).
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                    steps=steps, accountant=accountant)
 
 
 def _check_mechanism(*, sample_rate: float, steps: int) -> None:

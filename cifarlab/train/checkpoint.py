@@ -6,6 +6,7 @@ checkpoint can never execute code. Writes are atomic: a killed run keeps its pre
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import nn
 from cifarlab.config import RunConfig
 from cifarlab.data.preprocess import Preprocessor
 from cifarlab.errors import CheckpointError
-from cifarlab.io import atomic_write
+from cifarlab.io import load_tensors, save_tensors
 from cifarlab.models import create_model
 
 FORMAT = "cifarlab-checkpoint/1"
@@ -24,19 +25,14 @@ FORMAT = "cifarlab-checkpoint/1"
 def save_checkpoint(path: str | Path, **contents: Any) -> Path:
     """Write {format, **contents} atomically. Expected keys: config, model_state, preprocess, classes, epoch."""
     payload = {"format": FORMAT, **contents}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return save_tensors(path, payload)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated files, other formats, pickles with code: all refused here
-        raise CheckpointError(f"{path} is not a readable cifarlab checkpoint: {error}") from None
+    payload = load_tensors(path, what="checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cifarlab checkpoint (expected format {FORMAT!r})")
     missing = {"config", "model_state", "preprocess", "classes"} - set(payload)
@@ -51,6 +47,12 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> tuple
     config = RunConfig.from_dict(payload["config"], source=str(path))
     classes = tuple(payload["classes"])
     model = create_model(config.model.name, num_classes=len(classes), **config.model.args)
+    if config.dp.enabled:  # trained privately: the same BatchNorm -> GroupNorm replacement as in training
+        from cifarlab.privacy.dpsgd import prepare_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the replacement was announced when the run was trained
+            model = prepare_model(model)
     try:
         model.load_state_dict(payload["model_state"])
     except RuntimeError as error:

@@ -147,13 +147,20 @@ def fit(
     extra_state: dict[str, Stateful] | None = None,
     resume: dict[str, Any] | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
+    eval_model: nn.Module | None = None,
 ) -> FitResult:
-    """Train and evaluate; `resume` is a checkpoint payload (see checkpoint.read_checkpoint) to continue from."""
+    """Train and evaluate; `resume` is a checkpoint payload (see checkpoint.read_checkpoint) to continue from.
+
+    `eval_model` (e.g. an EMA copy of the weights) is what gets evaluated and saved as best.pt, when given;
+    last.pt always holds the trained weights, so a resumed run continues from them.
+    """
     train_cfg = config.train
     device = data.train.labels.device
     channels_last = train_cfg.channels_last if train_cfg.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
+    if eval_model is not None:
+        eval_model.to(device, memory_format=memory_format)
     optimizer = optimizer or build_optimizer(model, config.optim)
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(optimizer, config.optim, epochs=train_cfg.epochs, steps_per_epoch=steps_per_epoch)
@@ -220,7 +227,7 @@ def fit(
             images_per_second=seen / epoch_seconds,
         )
         for name, loader in data.evals.items():
-            result = evaluate(model, loader, autocast=autocast)
+            result = evaluate(eval_model or model, loader, autocast=autocast)
             row[f"{name}_loss"], row[f"{name}_acc"] = result.loss, result.accuracy
         if on_epoch_end is not None:
             row.update(on_epoch_end(epoch, model) or {})
@@ -239,17 +246,17 @@ def fit(
             best_score = max(best_score, score)
             state = dict(
                 config=config.to_dict(),
-                model_state=model.state_dict(),
                 preprocess=data.preprocess.state(),
                 classes=list(data.classes),
                 epoch=epoch,
                 **(checkpoint_extra or {}),
             )
             if improved:
-                save_checkpoint(run_dir / "best.pt", **state)
+                save_checkpoint(run_dir / "best.pt", **state, model_state=(eval_model or model).state_dict())
             save_checkpoint(
                 run_dir / "last.pt",
                 **state,
+                model_state=model.state_dict(),
                 optimizer_state=optimizer.state_dict(),
                 scheduler_state=scheduler.state_dict(),
                 extra_state={name: obj.state_dict() for name, obj in extra_state.items()},

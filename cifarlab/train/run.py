@@ -5,6 +5,7 @@ evaluate the best checkpoint on the test set and write summary.json, plots and r
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -61,17 +62,50 @@ def run_training(config: RunConfig, *, resume: str | Path | None = None) -> FitR
         progress=config.train.progress,
     )
     model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
+    private = None
+    if config.dp.enabled:  # before any data-dependent init: prepare_model refuses models that have one
+        model, data, private = _make_private(model, data, config)
     init_model_from_data(model, data)  # e.g. `fast` fits its patch-whitening layer (a resume then loads the saved one)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_yaml(run_dir / "config.yaml", config.to_dict())
 
-    result = fit(model, data=data, config=config, run_dir=run_dir, resume=payload)
+    if private is None:
+        result = fit(model, data=data, config=config, run_dir=run_dir, resume=payload)
+    else:
+        result = fit(
+            model, data=data, config=config, run_dir=run_dir, resume=payload, optimizer=private.optimizer,
+            train_step=private.train_step, on_epoch_end=private.on_epoch_end, extra_state={"privacy": private},
+            eval_model=private.ema.model if private.ema is not None else None,
+        )  # fmt: skip
     best = read_checkpoint(run_dir / "best.pt")
     result.model.load_state_dict(best["model_state"])
     result.summary = summarize(result, data=data, config=config, device=device, best_epoch=best["epoch"] + 1)
+    if private is not None:
+        result.summary["privacy"] = private.summary()
+        result.summary.update({key: result.summary["privacy"][key] for key in PRIVACY_SUMMARY_KEYS})
     write_json(run_dir / "summary.json", result.summary)
     write_run_report(run_dir)
     return result
+
+
+PRIVACY_SUMMARY_KEYS = ("epsilon", "delta", "noise_multiplier", "sampling_rate", "steps", "poisson")
+
+
+def _make_private(model: torch.nn.Module, data: TrainData, config: RunConfig):
+    """DP-SGD as a transformation: a private model (BatchNorm -> GroupNorm), optimizer and Poisson loader."""
+    from cifarlab.privacy.accounting import DEFAULT_DELTA
+    from cifarlab.privacy.dpsgd import make_private, prepare_model
+    from cifarlab.train.optim import build_optimizer
+
+    dp = config.dp
+    model = prepare_model(model)
+    private = make_private(
+        model, build_optimizer(model, config.optim), data.train, epochs=config.train.epochs,
+        max_grad_norm=dp.max_grad_norm, noise_multiplier=dp.noise_multiplier, target_epsilon=dp.target_epsilon,
+        delta=DEFAULT_DELTA if dp.delta is None else dp.delta, accountant=dp.accountant, poisson=dp.poisson,
+        augmult=dp.augmult, physical_batch_size=dp.physical_batch_size, ema=dp.ema,
+    )  # fmt: skip
+    return private.model, dataclasses.replace(data, train=private.loader), private
 
 
 def summarize(result: FitResult, *, data, config: RunConfig, device: torch.device, best_epoch: int) -> dict[str, Any]:

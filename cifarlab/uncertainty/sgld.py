@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from cifarlab.errors import CheckpointError, ConfigError
-from cifarlab.io import atomic_write
+from cifarlab.io import load_tensors, save_tensors
 
 
 class SGLD(torch.optim.Optimizer):
@@ -122,7 +122,7 @@ class SampleCollector:
             self._memory.append(state)
         else:
             path = self.directory / f"sample_{len(self._files):04d}.pt"
-            self._files.append(atomic_write(path, lambda tmp: torch.save(state, tmp)))
+            self._files.append(save_tensors(path, state))
         return True
 
     def __len__(self) -> int:
@@ -134,7 +134,7 @@ class SampleCollector:
             return
         for path in self._files:
             try:
-                yield torch.load(path, map_location="cpu", weights_only=True)
+                yield load_tensors(path, what="posterior sample")
             except Exception as error:  # truncated or foreign file: name it
                 raise CheckpointError(f"cannot read posterior sample {path}: {error}") from None
 
