@@ -144,7 +144,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = RunConfig.from_dict(merge(saved, overrides), source=str(resume))
     else:
         config = config_from_args(args)
-    result = run_training(config, resume=args.resume)
+    from cifarlab.train import distributed
+
+    try:
+        result = run_training(config, resume=args.resume)
+    finally:
+        distributed.cleanup()
+    if result.run_dir is None:  # a torchrun worker other than rank 0, which prints
+        return
     s = result.summary
     print(f"\nrun folder: {result.run_dir}")
     row = {
@@ -201,6 +208,23 @@ def cmd_models(args: argparse.Namespace) -> None:
     for name in list_models():
         print(f"{name:18s} {describe_model(name)}")
     print("torchvision:<name>, timm:<name>  any model of that package, when it is installed")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from cifarlab.train.bench import append_csv, format_rows, time_to_accuracy
+
+    config = config_from_args(args)
+    seeds = [config.train.seed + i for i in range(args.seeds)]
+    rows = time_to_accuracy(config, thresholds=args.thresholds, seeds=seeds)
+    print(format_rows(rows))
+    print(f"appended to {append_csv(args.csv, rows)}")
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.85,0.90, got {text!r}") from None
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
@@ -381,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--corruption-images", type=int, help="test images per corruption set (default 1000)")
 
     command("models", cmd_models, "list the registered models")
+    sub = command("bench", cmd_bench, "time-to-accuracy of a recipe over seeds: a table, rows appended to a CSV")
+    add_training_flags(sub)
+    sub.add_argument("--seeds", type=int, default=3, help="train with seeds seed, seed+1, ... (default 3 runs)")
+    sub.add_argument("--thresholds", type=_float_list, default=[0.85, 0.90], help="test accuracies, e.g. 0.85,0.90")
+    sub.add_argument("--csv", default="bench.csv", help="CSV the rows are appended to")
+
     command("recipes", cmd_recipes, "list the recipes")
     sub = command("compare", cmd_compare, "compare run folders: one table + overlaid curves PNG")
     sub.add_argument("runs", nargs="+", help="run folders")

@@ -49,7 +49,12 @@ def train(batch_sizes: list[int] | None = None) -> engine.FitResult:
     torch.manual_seed(0)
     model = create_model("tutorial", num_classes=3)
     if batch_sizes is not None:
-        model.register_forward_pre_hook(lambda module, args: batch_sizes.append(len(args[0])) if module.training else None)
+
+        def record(module: torch.nn.Module, args: tuple[torch.Tensor]) -> None:
+            if module.training:
+                batch_sizes.append(len(args[0]))
+
+        model.register_forward_pre_hook(record)
     return fit(model, data=synthetic_data(), config=config)
 
 
@@ -96,7 +101,6 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         distributed.cleanup()
 
 
-@pytest.mark.skipif(not hasattr(engine, "distributed"), reason="engine.fit is not wired to cifarlab.train.distributed yet")
 def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tmp_path):
     out = tmp_path / "rank0.pt"
     torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2)

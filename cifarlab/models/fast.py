@@ -97,7 +97,8 @@ class FastNet(CifarModel):
     def init_from_data(self, images: Tensor) -> None:
         """Fit the whitening layer to normalised training images (N, 3, H, W); a few thousand are plenty."""
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"init_from_data expects float images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"init_from_data expects float images (N, 3, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
         total, outer, count = torch.zeros(PATCH_DIM, dtype=torch.float64), 0.0, 0
         for chunk in images.split(512):
             patches = F.unfold(chunk.float(), PATCH).transpose(0, 1).reshape(PATCH_DIM, -1)  # (12, n * L)
@@ -130,7 +131,7 @@ class FastNet(CifarModel):
         views = tta_views(x, self.tta)
         return sum(self._features(view) for view in views) / len(views)
 
-    @torch.compiler.disable  # data-dependent Python branch: runs eagerly, the rest of forward compiles
+    @torch.compiler.disable  # in-place weight updates every k steps stay out of the compiled graph
     @torch.no_grad()
     def _lookahead_tick(self) -> None:
         """Called before every training forward, i.e. after every optimizer step (the first call: none yet)."""

@@ -10,8 +10,8 @@ threshold is the wall time of a run that stops at the first epoch whose test acc
     + the one evaluation of epoch e, needed to know the threshold was reached.
 
 Evaluations of earlier epochs are excluded (such a run would not need them), and so is loading the dataset.
-As in DAWNBench and airbench, "reached at epoch e" is read from a run scheduled for all its epochs, so the
-learning rate has not yet decayed at e < last epoch. Peak memory: torch.cuda.max_memory_allocated on CUDA (reset
+As in DAWNBench, "reached at epoch e" is read from a run scheduled for all its epochs (whose learning rate has
+not yet decayed at e < last epoch). Peak memory: torch.cuda.max_memory_allocated on CUDA (reset
 per seed); on CPU the process's peak resident set size (getrusage), which includes the dataset and every
 earlier seed of the process.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import statistics
 import time
 from dataclasses import replace
@@ -37,9 +38,9 @@ from cifarlab.train.engine import fit, resolve_device
 from cifarlab.train.run import init_model_from_data
 
 COLUMNS = (
-    "recipe", "model", "threshold", "seeds", "reached", "seconds_mean", "seconds_min", "seconds_max", "epoch_mean",
-    "final_acc_mean", "final_acc_min", "final_acc_max", "images_per_second", "peak_memory_mb", "device", "epochs",
-    "batch_size", "data_source", "torch", "date",
+    "recipe", "model", "model_args", "threshold", "seeds", "reached", "seconds_mean", "seconds_min", "seconds_max",
+    "epoch_mean", "final_acc_mean", "final_acc_min", "final_acc_max", "images_per_second", "peak_memory_mb", "device",
+    "epochs", "batch_size", "data_source", "torch", "date",
 )  # fmt: skip
 
 
@@ -125,6 +126,7 @@ def time_to_accuracy(config: RunConfig, *, thresholds: Sequence[float], seeds: S
         rows.append({
             "recipe": config.recipe,
             "model": config.model.name,
+            "model_args": json.dumps(config.model.args, sort_keys=True),
             "threshold": threshold,
             "seeds": " ".join(map(str, seeds)),
             "reached": len(hits),

@@ -25,6 +25,7 @@ from cifarlab.config import RunConfig
 from cifarlab.data.loader import BatchLoader, TrainData
 from cifarlab.errors import CifarlabError
 from cifarlab.io import write_text
+from cifarlab.train import distributed
 from cifarlab.train.checkpoint import save_checkpoint
 from cifarlab.train.optim import build_optimizer, build_scheduler
 
@@ -165,7 +166,9 @@ def fit(
     steps_per_epoch = len(data.train)
     scheduler = build_scheduler(optimizer, config.optim, epochs=train_cfg.epochs, steps_per_epoch=steps_per_epoch)
     step = train_step or standard_step(label_smoothing=config.optim.label_smoothing, grad_clip=config.optim.grad_clip)
-    forward_model = torch.compile(model) if train_cfg.compile else model
+    forward_model = distributed.wrap_model(model)  # DDP under torchrun; `model` stays the unwrapped one we save
+    forward_model = torch.compile(forward_model) if train_cfg.compile else forward_model
+    train_loader = distributed.shard_loader(data.train)  # this rank's slice of every batch
     autocast = autocast_for(device, train_cfg.precision)
     extra_state = extra_state or {}
 
@@ -184,7 +187,7 @@ def fit(
     selection = "val_acc" if "val" in data.evals else "last_epoch"
     bar = tqdm(
         total=(train_cfg.epochs - start_epoch) * steps_per_epoch,
-        disable=not train_cfg.progress,
+        disable=not (train_cfg.progress and distributed.context().is_main),
         unit="batch",
         dynamic_ncols=True,
     )
@@ -195,18 +198,24 @@ def fit(
         loss_sum, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        for x, y in data.train.batches(generator):
+        for x, y in train_loader.batches(generator):
             x = x.contiguous(memory_format=memory_format)
             with autocast():
                 result = step(forward_model, optimizer, x, y)
             scheduler.step()
             loss_sum, correct, seen = loss_sum + result.loss_sum, correct + result.correct, seen + result.count
             bar.update()
-            if bar.n % 10 == 0 and train_cfg.progress:
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(epoch=f"{epoch + 1}/{train_cfg.epochs}", img_s=f"{seen / elapsed:.0f}", refresh=False)
+            if bar.n % 20 == 0 and train_cfg.progress:  # reading the sums syncs the GPU: not every step
+                bar.set_postfix(
+                    epoch=f"{epoch + 1}/{train_cfg.epochs}",
+                    loss=f"{float(loss_sum) / max(1, seen):.3f}",
+                    acc=f"{float(correct) / max(1, seen):.3f}",
+                    img_s=f"{seen / (time.perf_counter() - start):.0f}",
+                    refresh=False,
+                )
         if device.type == "cuda":
             torch.cuda.synchronize()
+        loss_sum, correct, seen = distributed.all_reduce_sums(loss_sum, correct, seen)
         epoch_seconds = time.perf_counter() - start
         train_seconds += epoch_seconds
         train_loss = float(loss_sum) / max(1, seen)

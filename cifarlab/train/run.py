@@ -19,6 +19,7 @@ from cifarlab.io import write_json, write_yaml
 from cifarlab.models import create_model
 from cifarlab.report.metrics import confusion_matrix, per_class_accuracy
 from cifarlab.report.run_report import write_run_report
+from cifarlab.train import distributed
 from cifarlab.train.checkpoint import read_checkpoint
 from cifarlab.train.engine import FitResult, autocast_for, evaluate, fit, resolve_device
 
@@ -51,7 +52,8 @@ def run_training(config: RunConfig, *, resume: str | Path | None = None) -> FitR
         run_dir = Path(config.train.out) if config.train.out else default_run_dir(config)
         if (run_dir / "last.pt").exists():
             raise CifarlabError(f"{run_dir} already holds a run; pass --resume {run_dir} or choose another --out")
-    device = resolve_device(config.train.device)
+    device = distributed.setup(resolve_device(config.train.device))  # under torchrun: join the group
+    main = distributed.context().is_main  # only rank 0 writes
     torch.manual_seed(config.train.seed)
     data = prepare_data(
         config.data,
@@ -66,17 +68,20 @@ def run_training(config: RunConfig, *, resume: str | Path | None = None) -> FitR
     if config.dp.enabled:  # before any data-dependent init: prepare_model refuses models that have one
         model, data, private = _make_private(model, data, config)
     init_model_from_data(model, data)  # e.g. `fast` fits its patch-whitening layer (a resume then loads the saved one)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_yaml(run_dir / "config.yaml", config.to_dict())
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_yaml(run_dir / "config.yaml", config.to_dict())
 
     if private is None:
-        result = fit(model, data=data, config=config, run_dir=run_dir, resume=payload)
+        result = fit(model, data=data, config=config, run_dir=run_dir if main else None, resume=payload)
     else:
         result = fit(
             model, data=data, config=config, run_dir=run_dir, resume=payload, optimizer=private.optimizer,
             train_step=private.train_step, on_epoch_end=private.on_epoch_end, extra_state={"privacy": private},
             eval_model=private.ema.model if private.ema is not None else None,
         )  # fmt: skip
+    if not main:
+        return result  # rank 0 alone evaluates the best checkpoint and writes the summary
     best = read_checkpoint(run_dir / "best.pt")
     result.model.load_state_dict(best["model_state"])
     result.summary = summarize(result, data=data, config=config, device=device, best_epoch=best["epoch"] + 1)
