@@ -274,7 +274,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         try:
             value = float(value)
         except ValueError:
-            pass
+            pass  # not a number: reported just below
     accepted, description = _SCALARS[hint]
     if not isinstance(value, accepted) or (hint is not bool and isinstance(value, bool)):
         raise ConfigError(f"{where} must be {description}, got {value!r}")

@@ -3,7 +3,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.data.augment import Augment
