@@ -1,92 +1,175 @@
 """Seconds to add one class to a saved continual state from a folder of its images, on CPU.
 
-What `cifarlab continual add --state S --class-name X --images DIR` does, timed end to end
-(load state, rebuild the backbone, read every image, extract features, update the statistics,
-save the state atomically) and then stage by stage. The backbone's weights do not change the
-cost, so a freshly initialised model of the chosen architecture stands in for a trained one.
+End to end, what a user waits for: `cifarlab continual add --state S --class-name X --images DIR` as a new
+process (Python and library start-up, load the state and the backbone, decode every image, extract features,
+update the statistics, save the state atomically), on a fresh copy of the state each repeat. Then the same work
+stage by stage, in this process, with the functions `add_class_from_folder` calls:
 
-    python benchmarks/continual_add_class.py --images ../shared/datasets/cifar10-jpeg/train/dog \
-        --models tutorial tutorial_deep cnn_bn resnet
+    python benchmarks/continual_add_class.py --images ../shared/datasets/cifar10-jpeg/train/truck \
+        --state runs/continual-fast/continual/state.pt
 
-CPU time (time.process_time) counts every thread of the process, so on an idle machine it
-can exceed the wall time; on a shared, overloaded one the wall time is the larger.
+Without --state, a backbone with random weights stands in (the weights do not change the cost): --recipe gives
+the model and its arguments, --model-arg overrides them (e.g. tta=1: mirror test-time augmentation only), and
+the state has learned no class yet. Such a state and checkpoint are plain enough for older checkouts of
+cifarlab to read, so `--pythonpath OLD_CHECKOUT` also times the command with that older code (before/after),
+the two versions taking turns so that a change in the machine's load hits both alike:
+
+    git archive HEAD | tar -x -C /tmp/before
+    python benchmarks/continual_add_class.py --images ... --model-arg tta=1 --pythonpath /tmp/before
+
+CPU time counts every thread of a process (and the decoding workers), so on an idle machine it can exceed the
+wall time. On a busy machine both grow, the CPU time too, since threads that wait for a descheduled partner spin:
+time it alone on the machine (through the CPU lock). The figure that matters is the end-to-end wall time.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
-from cifarlab.config import RunConfig
-from cifarlab.continual.features import describe_backbone, extract_features
-from cifarlab.continual.state import IMAGE_SUFFIXES, ContinualState, add_class_from_folder, save_state
+from cifarlab.config import load_recipe
+from cifarlab.continual.features import FEATURE_BATCH_SIZE, describe_backbone, extract_features
+from cifarlab.continual.state import IMAGE_SUFFIXES, ContinualState, load_state, save_state
 from cifarlab.data.preprocess import fit_preprocessor
+from cifarlab.data.sources import read_images
 from cifarlab.models import create_model
 from cifarlab.train.checkpoint import load_model, save_checkpoint
-from cifarlab.train.inference import read_image
+
+STARTUP = "import cifarlab.cli, cifarlab.continual.state"  # what `cifarlab continual add` imports
 
 
-def make_state(folder: Path, model_name: str) -> Path:
-    """A base checkpoint of `model_name` (random weights) and an empty state over it."""
+def make_state(folder: Path, recipe: str, overrides: dict[str, object]) -> Path:
+    """A checkpoint of the recipe's model (random weights, 5 base classes; `overrides` replace model arguments)
+    and an empty state over it."""
+    model_config = load_recipe(recipe)["model"]
+    name, args = model_config["name"], {**model_config.get("args", {}), **overrides}
     torch.manual_seed(0)
-    model = create_model(model_name, num_classes=5)
+    model = create_model(name, num_classes=5, **args)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    config = RunConfig.from_dict({"model": {"name": model_name}, "data": {"classes": [0, 1, 2, 3, 4]}})
-    checkpoint = save_checkpoint(folder / "base.pt", config=config.to_dict(), model_state=model.state_dict(),
+    # A minimal config (the rest defaults): older cifarlab versions read it too.
+    config = {"model": {"name": name, "args": args}, "data": {"classes": [0, 1, 2, 3, 4]}}
+    checkpoint = save_checkpoint(folder / "base.pt", config=config, model_state=model.state_dict(),
                                  preprocess=fit_preprocessor("normalize", images).state(),
                                  classes=list("abcde"), epoch=0)
     model, preprocess, _, _ = load_model(checkpoint)
     dim = extract_features(model, images[:2], preprocess=preprocess).shape[1]
-    backbone = describe_backbone(model, preprocess, checkpoint=str(checkpoint))
+    backbone = describe_backbone(model, preprocess, checkpoint=str(checkpoint.resolve()))
     return save_state(folder / "state.pt", ContinualState.empty(backbone, dim))
 
 
-def stages(state_path: Path, images_dir: Path) -> dict[str, tuple[float, float]]:
-    """The same work as add_class_from_folder, one stage at a time: {stage: (wall s, CPU s)}."""
-    times, start = {}, (time.perf_counter(), time.process_time())
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the image decoding workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall s, CPU s of the child) of running `command` to completion; raises if it fails."""
+    before, wall = os.times(), time.perf_counter()
+    # From a neutral folder: `python -m/-c` put the working directory first on sys.path, and a cifarlab checkout
+    # there would shadow the one chosen by PYTHONPATH.
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    wall, after = time.perf_counter() - wall, os.times()
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr}")
+    return wall, (after.children_user - before.children_user) + (after.children_system - before.children_system)
+
+
+def end_to_end(state: Path, images: Path, *, repeats: int,
+               envs: dict[str, dict[str, str]]) -> dict[str, list[tuple[float, float]]]:
+    """`cifarlab continual add` on a fresh copy of `state` each time, with each environment (version of the code)
+    in turn, `repeats` rounds: {version: [(wall s, CPU s)]}."""
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in envs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            for label, env in envs.items():
+                copy = shutil.copy(state, Path(tmp) / "state.pt")
+                times[label].append(timed_process([sys.executable, "-m", "cifarlab", "continual", "add", "--state",
+                                                   str(copy), "--class-name", "benchmark-class", "--images",
+                                                   str(images), "--device", "cpu"], env))
+    return times
+
+
+def stages(state_path: Path, images_dir: Path, env: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """The work of `cifarlab continual add`, one stage at a time: {stage: (wall s, CPU s)}."""
+    times = {"start-up (new process, imports)": timed_process([sys.executable, "-c", STARTUP], env)}
+    start = (time.perf_counter(), cpu_seconds())
 
     def lap(name: str) -> None:
         nonlocal start
-        now = (time.perf_counter(), time.process_time())
+        now = (time.perf_counter(), cpu_seconds())
         times[name] = (now[0] - start[0], now[1] - start[1])
         start = now
 
-    model, preprocess, _, _ = load_model(state_path.parent / "base.pt")
-    backbone = describe_backbone(model, preprocess, checkpoint=str(state_path.parent / "base.pt"))
-    lap("load backbone + fingerprint")
-    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    images = torch.stack([read_image(path, (32, 32)) for path in files])
-    lap(f"read {len(files)} images")
-    features = extract_features(model, images, preprocess=preprocess)
-    lap(f"extract features {tuple(features.shape)}")
-    ContinualState.empty(backbone, features.shape[1]).add_class("x", features.split(500), backbone=backbone)
+    state = load_state(state_path)
+    model, preprocess, _, _ = load_model(state.backbone.checkpoint, device="cpu")
+    backbone = describe_backbone(model, preprocess, layer=state.backbone.layer, image_size=state.backbone.image_size,
+                                 checkpoint=state.backbone.checkpoint)
+    lap("load state + backbone, fingerprint")
+    files = sorted(str(p) for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    size = (state.backbone.image_size, state.backbone.image_size)
+    images = torch.from_numpy(read_images(files, size=size))
+    lap(f"decode {len(files)} images")
+    features = extract_features(model, images, preprocess=preprocess, layer=state.backbone.layer)
+    lap(f"features {tuple(features.shape)}")
+    new_state = state.add_class("benchmark-class", features.split(FEATURE_BATCH_SIZE), backbone=backbone)
     lap("update statistics (float64)")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_state(Path(tmp) / "state.pt", new_state)
+        lap("save state")
     return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path, required=True, help="folder of one class's images")
-    parser.add_argument("--models", nargs="+", default=["tutorial", "cnn_bn"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--state", type=Path, help="a saved state (default: an empty one over --recipe's model)")
+    parser.add_argument("--recipe", default="fast-cpu", help="without --state: the model of this recipe")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="without --state: override a model argument of the recipe")
+    parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs (the median is the figure)")
+    parser.add_argument("--pythonpath", type=Path,
+                        help="also time the command with the cifarlab package of this checkout (e.g. an older one)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name in args.models:
-        with tempfile.TemporaryDirectory() as tmp:
-            state_path = make_state(Path(tmp), name)
-            wall, cpu = time.perf_counter(), time.process_time()
-            state = add_class_from_folder(state_path, "new", args.images, device="cpu")
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            n = state.stats.per_class[0].count
-            print(f"{name}: added {n} images in {wall:.2f} s wall, {cpu:.2f} s CPU, end to end "
-                  f"(feature dim {state.stats.dim}); by stage (wall, CPU):")
-            for stage, (wall, cpu) in stages(state_path, args.images).items():
-                print(f"    {stage:40s} {wall:6.2f} s {cpu:6.2f} s")
+    args.images = args.images.resolve()
+    overrides = {}
+    for item in args.model_arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--model-arg expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    envs = {"this checkout": dict(os.environ)}
+    if args.pythonpath:
+        paths = [str(args.pythonpath.resolve()), os.environ.get("PYTHONPATH")]
+        envs[str(args.pythonpath)] = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    for label, env in envs.items():
+        where = subprocess.run([sys.executable, "-c", "import cifarlab.cli; print(cifarlab.cli.__file__)"], env=env,
+                               capture_output=True, text=True, check=True, cwd=tempfile.gettempdir()).stdout.strip()
+        print(f"{label}: the command runs {where}")
+    with tempfile.TemporaryDirectory() as tmp:
+        state = args.state.resolve() if args.state else make_state(Path(tmp), args.recipe, overrides)
+        print(f"backbone: {load_state(state).backbone.describe()}")
+        for label, runs in end_to_end(state, args.images, repeats=args.repeats, envs=envs).items():
+            walls = [wall for wall, _ in runs]
+            print(f"{label}: end to end, {len(runs)} runs: median {statistics.median(walls):.2f} s wall (runs: "
+                  f"{', '.join(f'{w:.2f}' for w in walls)}), median {statistics.median(c for _, c in runs):.2f} s CPU")
+        print("this checkout, by stage (wall, CPU):")
+        breakdown = stages(state, args.images, envs["this checkout"])
+        for stage, (wall, cpu) in breakdown.items():
+            print(f"    {stage:40s} {wall:6.2f} s {cpu:6.2f} s")
+        print(f"    {'sum':40s} {sum(w for w, _ in breakdown.values()):6.2f} s")
+    print(f"load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,15 @@ sample, array -> PIL image -> crop/flip in PIL -> tensor -> normalise, collated 
 written here with Pillow alone because torchvision is not a dependency.
 
     python benchmarks/pipeline_speed.py --data ../shared/datasets/cifar10-jpeg --model tutorial --batch-size 128
+    python benchmarks/pipeline_speed.py --model resnet18 --precision bf16 --channels-last   # cifarlab's CPU options
+
+`--precision` and `--channels-last` apply to the cifarlab side only (they are what `cifarlab train` offers); the
+notebook side always trains in fp32, NCHW, as the notebooks do. The printed ratio says which was used.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
@@ -21,6 +26,7 @@ from PIL import Image, ImageOps
 from cifarlab.config import DataConfig
 from cifarlab.data.loader import prepare_data
 from cifarlab.models import create_model
+from cifarlab.train.engine import autocast_for
 
 
 class NotebookDataset(torch.utils.data.Dataset):
@@ -42,15 +48,18 @@ class NotebookDataset(torch.utils.data.Dataset):
         return torch.from_numpy(array.transpose(2, 0, 1).copy()), int(self.labels[index])
 
 
-def train_steps(model: torch.nn.Module, batches, steps: int, warmup: int = 3) -> float:
+def train_steps(model: torch.nn.Module, batches, steps: int, warmup: int = 3, *,
+                autocast=contextlib.nullcontext, memory_format=torch.contiguous_format) -> float:
     """Images/s over `steps` SGD steps after `warmup` untimed ones."""
+    model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     seen, start = 0, None
     for i, (x, y) in enumerate(batches):
         if i == warmup:
             seen, start = 0, time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
+        with autocast():
+            loss = F.cross_entropy(model(x.contiguous(memory_format=memory_format)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -68,6 +77,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the notebook pipeline")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="cifarlab side only")
+    parser.add_argument("--channels-last", action="store_true", help="cifarlab side only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,7 +89,9 @@ def main() -> None:
         batch_size=args.batch_size, eval_batch_size=1000, progress=False,
     )  # fmt: skip
     model = create_model(args.model)
-    ours = train_steps(model, data.train.batches(torch.Generator().manual_seed(0)), args.steps)
+    ours = train_steps(model, data.train.batches(torch.Generator().manual_seed(0)), args.steps,
+                       autocast=autocast_for(device, args.precision),
+                       memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
 
     images = data.train.images.permute(0, 2, 3, 1).numpy()
     mean = data.preprocess.state()["mean"].reshape(1, 1, 3).numpy()
@@ -92,7 +105,8 @@ def main() -> None:
     print(f"model {args.model}, batch {args.batch_size}, {args.steps} steps, {torch.get_num_threads()} threads")
     print(f"{'pipeline':<34}{'images/s':>10}")
     print(f"{'notebook (PIL + DataLoader, ' + str(args.workers) + ' workers)':<34}{notebook:>10.0f}")
-    print(f"{'cifarlab (batched, in memory)':<34}{ours:>10.0f}")
+    layout = ", channels_last" if args.channels_last else ""
+    print(f"{'cifarlab (batched, in memory, ' + args.precision + layout + ')':<34}{ours:>10.0f}")
     print(f"ratio cifarlab / notebook: {ours / notebook:.2f}x")
 
 

@@ -32,6 +32,7 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--train-subset", "data.train_subset", int, "use a stratified subset of N training images"),
     ("--test-subset", "data.test_subset", int, "use a stratified subset of N test images"),
     ("--classes", "data.classes", "int_list", "keep only these class indices, e.g. 0-4 or 0,3,5"),
+    ("--input-size", "data.input_size", int, "resize inputs to N x N on the device (training, evaluation, features)"),
     ("--model", "model.name", str, "model name (see `cifarlab models`)"),
     ("--optimizer", "optim.optimizer", OPTIMIZERS[:3], "optimizer"),
     ("--lr", "optim.lr", float, "base learning rate"),
@@ -239,11 +240,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_continual(args: argparse.Namespace) -> None:
-    from cifarlab.continual.classifiers import MethodOptions
-    from cifarlab.continual.protocol import ProtocolOptions, run_continual, run_protocol, summary_table
-    from cifarlab.continual.state import add_class_from_folder
-
     if args.action == "add":
+        # Only what adding a class needs: the protocol's imports (matplotlib, the trainer) cost start-up time.
+        from cifarlab.continual.state import add_class_from_folder
+
         missing = [flag for flag, value in (("--state", args.state), ("--class-name", args.class_name),
                                             ("--images", args.images)) if not value]  # fmt: skip
         if missing:
@@ -252,6 +252,9 @@ def cmd_continual(args: argparse.Namespace) -> None:
                                       device=args.__dict__["train.device"] or "auto")  # fmt: skip
         print(f"{args.state}: learned {args.class_name!r}; classes now {', '.join(state.classes)}")
         return
+    from cifarlab.continual.classifiers import MethodOptions
+    from cifarlab.continual.protocol import ProtocolOptions, run_continual, run_protocol, summary_table
+
     shrinkage = args.shrinkage if args.shrinkage == "oas" else float(args.shrinkage)
     options = ProtocolOptions(
         order=tuple(args.increments) if args.increments else None,
@@ -259,7 +262,6 @@ def cmd_continual(args: argparse.Namespace) -> None:
         methods=tuple(args.method) if args.method else ProtocolOptions.methods,
         method_options=MethodOptions(shrinkage=shrinkage, class_shrinkage=args.class_shrinkage, prior=args.prior),
         layer=args.layer,
-        input_size=args.input_size,
         finetune_epochs=args.finetune_epochs,
         joint=args.joint,
         data=args.__dict__["data.path"],
@@ -300,7 +302,7 @@ def cmd_uncertainty(args: argparse.Namespace) -> None:
         runs = args.runs
     else:
         fields = {"method": args.method, "members": args.members, "passes": args.passes, "temperature": args.temperature,
-                  "burn_in": args.burn_in, "thin": args.thin, "keep": args.keep,
+                  "sgld_lr": args.sgld_lr, "burn_in": args.burn_in, "thin": args.thin, "keep": args.keep,
                   "noise_multiplier": args.__dict__["dp.noise_multiplier"], "corruption_images": args.corruption_images}
         options = uncertainty.UncertaintyConfig(**{k: v for k, v in fields.items() if v is not None})
         summary = uncertainty.train_uncertainty(config_from_args(args), options)
@@ -370,7 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--class-shrinkage", type=float, default=0.9, help="qda-shrink: weight of the shared covariance")
     sub.add_argument("--prior", choices=("uniform", "empirical"), default="uniform")
     sub.add_argument("--layer", help="feature layer (module name; default: the penultimate features)")
-    sub.add_argument("--input-size", type=int, help="resize inputs to this size for feature extraction")
     sub.add_argument("--finetune-epochs", type=int, default=1, help="naive fine-tuning baseline epochs (0: skip)")
     sub.add_argument("--joint", action="store_true", help="also train the joint upper bound on all classes")
     sub.add_argument("--continual-out", help="output folder (default <base run>/continual)")
@@ -399,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--passes", type=int, help="MC dropout test-time passes (default 30; sine: 100)")
     sub.add_argument("--chains", type=int, help="sine: SGLD chains pooled (default 4)")
     sub.add_argument("--temperature", type=float, help="SGLD posterior temperature (default 1)")
+    sub.add_argument("--sgld-lr", type=float, help="SGLD step size (default: --lr)")
     sub.add_argument("--burn-in", type=int, help="SGLD epochs before the first sample (default: half)")
     sub.add_argument("--thin", type=int, help="SGLD epochs between samples (default 1)")
     sub.add_argument("--keep", choices=("disk", "memory"), help="SGLD samples as checkpoints or in memory")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarlab.data.augment import PAD_MODES
-from cifarlab.data.preprocess import PREPROCESSORS
+from cifarlab.data.preprocess import PREPROCESSORS, check_input_size
 from cifarlab.errors import ConfigError
 from cifarlab.io import read_yaml
 
@@ -34,6 +34,9 @@ class DataConfig:
     dataset: str = "cifar10"
     download: bool = True
     preprocess: str = "normalize"
+    # Side of the square network input; batches are resized on the device after augmentation and normalisation.
+    # None: the stored size (32 for CIFAR). Recorded in checkpoints, so evaluation and features resize the same way.
+    input_size: int | None = None
     crop_padding: int = 4
     pad_mode: str = "zero"
     translate: int = 0
@@ -47,6 +50,7 @@ class DataConfig:
     def validate(self) -> None:
         _choice("data.preprocess", self.preprocess, PREPROCESSORS)
         _choice("data.pad_mode", self.pad_mode, PAD_MODES)
+        check_input_size("data.input_size", self.input_size)
         for name in ("crop_padding", "translate", "cutout", "val_size"):
             _at_least(f"data.{name}", getattr(self, name), 0)
         for name in ("train_subset", "test_subset"):

@@ -33,6 +33,7 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
         ({"train": {"epoch": 3}}, "unknown key train.epoch; valid:"),
         ({"model": {"name": "resnet19"}}, "unknown model 'resnet19'; valid: cnn"),
         ({"data": {"pad_mode": "edge"}}, "data.pad_mode 'edge' is not valid; choose one of: zero, reflect"),
+        ({"data": {"input_size": 4}}, "data.input_size must be an integer >= 8 (pixels per side) or unset, got 4"),
         ({"optim": {"schedule": "multistep"}}, "needs optim.milestones"),
         ({"optim": {"warmup_epochs": 5}, "train": {"epochs": 5}}, "warmup_epochs (5.0) must be below train.epochs"),
         ({"dp": {"enabled": True}}, "exactly one of --target-epsilon or --noise-multiplier"),

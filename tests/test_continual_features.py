@@ -26,16 +26,20 @@ def test_features_equal_forward_features_of_the_preprocessed_batch(setup):
         ref = model.eval().forward_features(preprocess(images.float() / 255))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert got.shape == (23, 84) and got.dtype == torch.float32
+    got[0, 0] = 1.0  # computed under inference_mode, yet returned as an ordinary tensor callers may change
 
 
-def test_named_layer_is_average_pooled_and_resize_matches_interpolate(setup):
-    model, preprocess, images = setup
-    got = extract_features(model, images, preprocess=preprocess, layer="features.3", input_size=48, batch_size=10)
+def test_named_layer_is_average_pooled_at_the_preprocessors_input_size(setup):
+    model, _, images = setup
+    preprocess = fit_preprocessor("normalize", images, size=48)  # as for a backbone trained on 48 px inputs
+    got = extract_features(model, images, preprocess=preprocess, layer="features.3", batch_size=10)
     with torch.no_grad():
-        x = F.interpolate(images.float() / 255, size=(48, 48), mode="bilinear", align_corners=False)
-        ref = model.eval().features[:4](preprocess(x)).mean(dim=(2, 3))  # conv-relu-pool-conv output, pooled
+        normalised = (images.float() / 255 - preprocess.mean) / preprocess.std
+        x = F.interpolate(normalised, size=(48, 48), mode="bilinear", align_corners=False)
+        ref = model.eval().features[:4](x).mean(dim=(2, 3))  # conv-relu-pool-conv output, pooled
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert got.shape == (23, 16)
+    assert describe_backbone(model, preprocess).input_size == 48
 
 
 def test_unknown_layer_lists_the_layers(setup):
@@ -53,6 +57,8 @@ def test_fingerprint_tracks_weights_and_preprocessing(setup):
     assert b.fingerprint != a.fingerprint
     c = describe_backbone(model, fit_preprocessor("normalize", images[:5]))
     assert c.fingerprint != a.fingerprint
+    resized = describe_backbone(model, fit_preprocessor("normalize", images, size=40))
+    assert resized.fingerprint != a.fingerprint and resized.input_size == 40 and a.input_size is None
     with pytest.raises(CifarlabError, match="built on backbone"):
         check_same_backbone(a, b)
     with pytest.raises(CifarlabError, match="built on backbone"):

@@ -10,6 +10,7 @@ from cifarlab.continual.state import (FORMAT, ContinualState, add_class_from_fol
                                       state_to_dict)
 from cifarlab.continual.stats import batch_stats
 from cifarlab.data.preprocess import fit_preprocessor
+from cifarlab.data.sources import load_dataset
 from cifarlab.errors import CheckpointError, CifarlabError, DataError
 from cifarlab.models import create_model
 from cifarlab.train.checkpoint import load_model, save_checkpoint
@@ -66,9 +67,36 @@ def test_add_class_from_folder_learns_exactly_the_folder_images(saved, tmp_path)
     ref = batch_stats(extract_features(model, images, preprocess=preprocess))
     got = load_state(path).stats.per_class[2]
     assert got.count == 12
-    # float32 features from batches of 5 vs 500: equal up to float32 rounding
+    # float32 features from batches of 5 vs of FEATURE_BATCH_SIZE: equal up to float32 rounding
     torch.testing.assert_close(got.sum, ref.sum, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.scatter, ref.scatter, rtol=1e-5, atol=1e-5)
+
+
+def test_a_folder_of_jpegs_gives_bit_for_bit_the_protocols_statistics(small_cifar, tmp_path):
+    """`continual add` on a class folder learns exactly what the protocol learns from the same images loaded as
+    a dataset: same decoding, same mirror test-time augmentation, same batches. A checkpoint of the same weights
+    without the mirror views is another backbone and is refused."""
+    args = {"width1": 8, "width2": 8, "width3": 16, "convs_per_block": 1, "lookahead_every": 0, "tta": 1}
+    torch.manual_seed(0)
+    model = create_model("fast", num_classes=2, **args)
+    preprocess = fit_preprocessor("normalize", _images(50, seed=0))
+    for name, tta in (("mirror.pt", 1), ("plain.pt", 0)):
+        config = RunConfig.from_dict({"model": {"name": "fast", "args": {**args, "tta": tta}}})
+        save_checkpoint(tmp_path / name, config=config.to_dict(), model_state=model.state_dict(),
+                        preprocess=preprocess.state(), classes=["a", "b"], epoch=0)
+    model, preprocess, _, _ = load_model(tmp_path / "mirror.pt")
+    backbone = describe_backbone(model, preprocess, checkpoint=str(tmp_path / "mirror.pt"))
+    path = save_state(tmp_path / "state.pt", ContinualState.empty(backbone, 16))
+    dataset = load_dataset(str(small_cifar), progress=False)
+    bird = dataset.train.images[dataset.train.labels == dataset.classes.index("bird")]
+    batch = 30  # 100 images: batches of 30, 30, 30, 10 in both paths
+    protocol = ContinualState.empty(backbone, 16).add_class(
+        "bird", extract_features(model, bird, preprocess=preprocess, batch_size=batch).split(batch), backbone=backbone)
+    with pytest.raises(CheckpointError, match="built on backbone"):
+        add_class_from_folder(path, "bird", small_cifar / "train" / "bird", checkpoint=tmp_path / "plain.pt")
+    learned = add_class_from_folder(path, "bird", small_cifar / "train" / "bird", device="cpu", batch_size=batch)
+    for key in ("counts", "sums", "scatters", "stream_scatter"):
+        assert torch.equal(state_to_dict(learned)[key], state_to_dict(protocol)[key]), key
 
 
 def test_bad_increments_leave_the_saved_state_untouched(saved, tmp_path):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -105,6 +107,31 @@ def test_lookahead_moves_weights_to_the_slow_copy_every_k_steps():
     resumed = fast(**TINY, lookahead_every=k, lookahead_alpha=alpha)
     resumed.load_state_dict(model.state_dict())
     assert resumed.lookahead_steps == 7  # the phase of the k-step cycle survives a checkpoint
+
+
+def test_compiled_training_ticks_lookahead_eagerly_and_eval_only_use_skips_dynamo():
+    """The tick is kept out of compiled graphs (it counts in Python and writes weights in place) by a disable
+    applied at its first call, so a model used only for inference never imports torch._dynamo."""
+    code = "import sys, cifarlab.models, cifarlab.continual.state; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+    def train(compiled: bool) -> FastNet:
+        torch.manual_seed(0)
+        model = fast(**TINY, lookahead_every=2, num_classes=3).train()
+        forward = torch.compile(model, backend="eager") if compiled else model  # eager: no C++ compiler needed
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 3
+        for _ in range(5):
+            optimizer.zero_grad()
+            F.cross_entropy(forward(x), y).backward()
+            optimizer.step()
+        return model
+
+    eager, compiled = train(False), train(True)
+    assert compiled.lookahead_steps == eager.lookahead_steps == 5
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("kwargs, words", [

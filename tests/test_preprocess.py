@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cifarlab.data.preprocess import (
     PREPROCESSORS,
@@ -137,6 +138,44 @@ def test_forward_keeps_shape_and_dtype(kind, fitted_by_kind):
 def test_none_is_identity():
     x = _as_float(_images(n=4))
     assert torch.equal(fit_preprocessor("none", _images())(x), x)
+
+
+def test_resize_comes_after_normalisation_and_only_when_the_size_differs():
+    images = _images(n=6, size=16)
+    x = _as_float(images)
+    plain = fit_preprocessor("normalize", images)(x)
+    assert torch.equal(fit_preprocessor("normalize", images, size=16)(x), plain)  # the stored size: no resize
+    up = fit_preprocessor("normalize", images, size=64)(x)
+    assert up.shape == (6, 3, 64, 64)
+    torch.testing.assert_close(up, F.interpolate(plain, size=(64, 64), mode="bilinear", align_corners=False))
+    down = fit_preprocessor("normalize", images, size=8)(x)
+    assert down.shape == (6, 3, 8, 8)
+    torch.testing.assert_close(down, F.interpolate(plain, size=(8, 8), mode="bilinear", antialias=True,
+                                                   align_corners=False))
+    # antialiasing averages the 4x4 neighbourhood instead of sampling 2 pixels: smoother than plain bilinear
+    aliased = F.interpolate(plain, size=(8, 8), mode="bilinear", align_corners=False)
+    assert down.std() < aliased.std()
+    # ZCA is fitted at the stored resolution, so it runs there and the resize follows
+    zca = fit_preprocessor("zca", images, size=24)
+    torch.testing.assert_close(zca(x), F.interpolate(fit_preprocessor("zca", images)(x), size=(24, 24),
+                                                     mode="bilinear", align_corners=False))
+
+
+def test_input_size_is_saved_and_old_states_without_it_do_not_resize():
+    images = _images(n=20, size=16)
+    fitted = fit_preprocessor("normalize", images, size=32)
+    buffer = io.BytesIO()
+    torch.save(fitted.state(), buffer)
+    buffer.seek(0)
+    rebuilt = Preprocessor.from_state(torch.load(buffer, weights_only=True))
+    assert rebuilt.size == 32 and rebuilt(_as_float(images)).shape == (20, 3, 32, 32)
+    old = {key: value for key, value in fitted.state().items() if key != "size"}  # written before input_size
+    assert Preprocessor.from_state(old).size is None
+    for size in (4, 0, 8.0, True, "64"):
+        with pytest.raises(ConfigError, match=f"input size must be an integer >= 8 .*got {size!r}"):
+            fit_preprocessor("normalize", images, size=size)
+    with pytest.raises(CheckpointError, match="damaged preprocessor state: input size"):
+        Preprocessor.from_state({**fitted.state(), "size": 2})
 
 
 def test_unknown_kind_lists_the_valid_ones():

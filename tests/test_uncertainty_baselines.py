@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from cifarlab.errors import ConfigError
-from cifarlab.uncertainty.baselines import (fit_temperature, mc_dropout_outputs, predict_mc_dropout,
+from cifarlab.models import create_model
+from cifarlab.uncertainty.baselines import (dropout_layers, fit_temperature, mc_dropout_outputs, predict_mc_dropout,
                                             temperature_scale)
 from cifarlab.uncertainty.metrics import ece, nll
 
@@ -35,6 +36,16 @@ def test_mc_dropout_is_stochastic_keeps_batch_norm_in_eval_and_restores_modes():
 def test_mc_dropout_refuses_a_model_without_dropout():
     with pytest.raises(ConfigError, match="has none with p > 0"):
         mc_dropout_outputs(_net(0.0), torch.randn(2, 4), passes=3)
+
+
+def test_mc_dropout_finds_the_cnn_dropout_argument():
+    # the comparison's model: its `dropout` argument is the one layer MC dropout switches on at test time
+    torch.manual_seed(0)
+    model = create_model("cnn", num_classes=3, dropout=0.3)
+    assert [m.p for m in dropout_layers(model)] == [0.3]
+    outputs = mc_dropout_outputs(model.eval(), torch.randn(4, 3, 32, 32), passes=2)
+    assert not torch.allclose(outputs[0], outputs[1]) and not model.training
+    assert dropout_layers(create_model("cnn", num_classes=3, dropout=0.0)) == []
 
 
 def test_temperature_scaling_recovers_the_overconfidence_of_a_synthetic_predictor():

@@ -44,6 +44,12 @@ def test_known_numbers_and_files(tmp_path):
     assert list(contrast) == ["0", "1", "5"] and results["corruption_images"] == 25
     # a constant image has no contrast to lose: nothing changes, entropy cannot tell them apart
     assert contrast["5"]["accuracy"] == 1.0 and contrast["5"]["auroc_vs_clean"] == 0.5
+    # corruptions cannot move a constant image's mean (the predictor's input): every level is the clean one
+    assert results["corruption_mean"] == pytest.approx({"accuracy": 1.0, "nll": -math.log(0.9), "ece": 0.1,
+                                                        "auroc_vs_clean": 0.5, "nll_ts": results["test_ts"]["nll"],
+                                                        "ece_ts": results["test_ts"]["ece"], "auroc_vs_clean_ts": 0.5})
+    # one bin of 50 images at confidence 0.9: E |Binomial(50, 0.9) / 50 - 0.9| = 0.0333 (1000 draws: +- 0.0013)
+    assert results["test"]["ece_floor"] == pytest.approx(0.0333, abs=0.004)
     saved = json.loads((tmp_path / "uncertainty.json").read_text())
     assert saved["test"] == results["test"]
     for name in ("reliability.png", "corruption.png"):

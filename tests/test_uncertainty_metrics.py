@@ -84,3 +84,26 @@ def test_classification_metrics_keys_and_bad_shapes():
         M.accuracy(PROBS, LABELS[:3])
     with pytest.raises(ValueError, match="non-empty"):
         M.auroc(torch.zeros(0), torch.ones(2))
+
+
+def _mean_abs_binomial_deviation(n: int, p: float) -> float:
+    """E |X / n - p| for X ~ Binomial(n, p), summed exactly over the distribution."""
+    from scipy.stats import binom
+
+    k = torch.arange(n + 1, dtype=torch.float64)
+    return float((torch.from_numpy(binom.pmf(k.numpy(), n, p)) * (k / n - p).abs()).sum())
+
+
+def test_calibrated_ece_matches_the_binomial_noise_of_one_bin():
+    # every confidence 0.6 (one bin): ECE of a calibrated predictor = E |accuracy of 400 Bernoulli(0.6) - 0.6|
+    probs = torch.tensor([[0.6, 0.3, 0.1]]).expand(400, -1)
+    floor = M.calibrated_ece(probs, draws=4000, generator=torch.Generator().manual_seed(0))
+    assert floor == pytest.approx(_mean_abs_binomial_deviation(400, 0.6), rel=0.03)  # about 0.0196
+    # two bins of 200 (0.6 and 0.9), independent: the weighted sum of each bin's expected deviation
+    mixed = torch.cat([probs[:200], torch.tensor([[0.9, 0.05, 0.05]]).expand(200, -1)])
+    expected = 0.5 * (_mean_abs_binomial_deviation(200, 0.6) + _mean_abs_binomial_deviation(200, 0.9))
+    assert M.calibrated_ece(mixed, draws=4000, generator=torch.Generator().manual_seed(1)) == pytest.approx(
+        expected, rel=0.03)
+    assert M.calibrated_ece(torch.tensor([[1.0, 0.0]] * 10)) == 0.0  # certain and right: no noise
+    with pytest.raises(ValueError, match="draws"):
+        M.calibrated_ece(probs, draws=0)

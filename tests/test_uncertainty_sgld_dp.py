@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.errors import ConfigError
+from cifarlab.models import create_model
 from cifarlab.uncertainty.sgld import SGLD
 from cifarlab.uncertainty.sgld_dp import SGLDDP, sgld_clip_norm
 
@@ -38,11 +39,13 @@ def _update(step, model: nn.Module) -> torch.Tensor:
     return (model.weight.detach() - before).flatten()
 
 
-def test_dp_step_with_inactive_clipping_is_an_sgld_step_in_distribution():
+@pytest.mark.parametrize("grad_sample_mode", ["fast", "hooks"])
+def test_dp_step_with_inactive_clipping_is_an_sgld_step_in_distribution(grad_sample_mode):
     lr, n, wd = 0.1, 64, 1e-3
     model, x, y = _problem()
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    dp = SGLDDP(model, lr=lr, num_data=n, batch_size=n, noise_multiplier=1.3, weight_decay=wd, delta=1e-3)
+    dp = SGLDDP(model, lr=lr, num_data=n, batch_size=n, noise_multiplier=1.3, weight_decay=wd, delta=1e-3,
+                grad_sample_mode=grad_sample_mode)
     dp_updates, sgld_updates = [], []
     torch.manual_seed(0)
     for _ in range(10):  # 10 steps x 2000 weights: 20,000 draws of each update's noise
@@ -79,6 +82,22 @@ def test_clipping_is_counted_and_epsilon_grows():
     dp.train_step(model, dp.optimizer, x[16:32], y[16:32])
     assert dp.clipped_fraction() == 0.5 and dp.epsilon() > first > 0
     assert dp.train_step(model, dp.optimizer, x[:0], y[:0]).count == 0 and dp.steps == 3
+
+
+@pytest.mark.parametrize("grad_sample_mode", ["fast", "hooks"])
+def test_cnn_with_in_place_relu_and_dropout_takes_a_step(grad_sample_mode):
+    # the comparison's model has in-place ReLUs, which Opacus's hooks forbid on a hooked layer's output
+    torch.manual_seed(0)
+    model = create_model("cnn", num_classes=3)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    dp = SGLDDP(model, lr=0.5, num_data=1000, batch_size=8, noise_multiplier=1.0, delta=1e-4,
+                grad_sample_mode=grad_sample_mode)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    result = dp.train_step(model.train(), dp.optimizer, x, y)
+    assert result.count == 8 and math.isfinite(float(result.loss_sum)) and dp.examples == 8
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+    assert not torch.equal(model.fc1.weight, start["fc1.weight"])
+    model.load_state_dict(start)  # strict: the same parameters and buffers, so checkpoints still load
 
 
 def test_batch_norm_models_are_refused_with_advice():

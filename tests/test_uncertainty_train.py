@@ -2,10 +2,13 @@
 import json
 
 import pytest
+import torch
 
 from cifarlab.config import RunConfig
 from cifarlab.errors import CheckpointError, ConfigError
-from cifarlab.uncertainty.train import UncertaintyConfig, evaluate_run, train_uncertainty
+from cifarlab.io import read_yaml
+from cifarlab.train.checkpoint import read_checkpoint
+from cifarlab.uncertainty.train import UncertaintyConfig, comparison_rows, evaluate_run, train_uncertainty
 
 
 
@@ -23,12 +26,17 @@ def _options(method: str, **kw) -> UncertaintyConfig:
 
 
 def test_sgld_run_folder_and_reevaluation(small_cifar, tmp_path):
-    summary = train_uncertainty(_config(small_cifar), _options("sgld", burn_in=0), run_dir=tmp_path / "run")
+    options = _options("sgld", burn_in=0, sgld_lr=0.2)
+    summary = train_uncertainty(_config(small_cifar), options, run_dir=tmp_path / "run")
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["sample_0000.pt", "sample_0001.pt"]
     assert summary["posterior_samples"] == 2 and summary["train_images"] == 720  # 8 classes x 100 - 80 val
     assert 0 <= summary["test"]["ece"] <= 1 and summary["temperature"] > 0 and 0 <= summary["ood_auroc"] <= 1
-    assert "posterior_samples" in (run / "metrics.csv").read_text().splitlines()[0]
+    header, *epochs = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()]
+    assert "posterior_samples" in header
+    assert all(row[header.index("test_acc")] == "" and row[header.index("val_acc")] for row in epochs)  # test: once
+    optim = read_yaml(run / "config.yaml")["optim"]  # saved as it ran: SGLD at sgld_lr, no momentum
+    assert optim["optimizer"] == "sgld" and optim["momentum"] == 0 and optim["lr"] == 0.2
     for name in ("config.yaml", "uncertainty.yaml", "uncertainty.json", "reliability.png", "corruption.png"):
         assert (run / name).is_file()
     saved = json.loads((run / "uncertainty.json").read_text())
@@ -37,6 +45,12 @@ def test_sgld_run_folder_and_reevaluation(small_cifar, tmp_path):
     assert again["test"] == pytest.approx(saved["test"]) and again["ood_auroc"] == pytest.approx(saved["ood_auroc"])
     with pytest.raises(ConfigError, match="already holds"):
         train_uncertainty(_config(small_cifar), _options("sgld", burn_in=0), run_dir=run)
+    plain, scaled = comparison_rows([run])  # the method's row, then its temperature-scaled one
+    assert (plain["method"], scaled["method"]) == ("sgld", "sgld + TS")
+    assert plain["ECE %"] == pytest.approx(100 * saved["test"]["ece"])
+    assert scaled["ECE %"] == pytest.approx(100 * saved["test_ts"]["ece"])
+    assert scaled["acc %"] == plain["acc %"] and scaled["OOD AUROC"] == pytest.approx(saved["ood_auroc_ts"])
+    assert plain["corr ECE %"] == pytest.approx(100 * saved["corruptions"]["contrast"]["5"]["ece"])
 
 
 def test_ensemble_and_sgld_dp(small_cifar, tmp_path):
@@ -47,6 +61,16 @@ def test_ensemble_and_sgld_dp(small_cifar, tmp_path):
     assert dp["epsilon"] > 0 and 0 <= dp["clipped_fraction"] <= 1 and dp["posterior_samples"] == 1
     header = (tmp_path / "dp" / "metrics.csv").read_text().splitlines()[0]
     assert "epsilon" in header and "clipped_fraction" in header
+
+
+def test_mc_dropout_is_the_plain_cnn_with_dropout_on_at_test_time(small_cifar, tmp_path):
+    # the same seed trains the same weights; only the prediction differs (dropout masks, averaged)
+    config = _config(small_cifar, epochs=1, model="cnn")
+    plain = train_uncertainty(config, _options("none"), run_dir=tmp_path / "none")
+    mc = train_uncertainty(config, _options("mc-dropout", passes=3), run_dir=tmp_path / "mc")
+    weights = [read_checkpoint(tmp_path / name / "best.pt")["model_state"] for name in ("none", "mc")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert mc["test"]["nll"] != pytest.approx(plain["test"]["nll"], rel=1e-6)
 
 
 def test_bad_methods_and_models_are_refused(small_cifar, tmp_path):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from cifarlab.config import RunConfig, merge
 from cifarlab.continual.classifiers import METHODS, MethodOptions, fit
-from cifarlab.continual.features import describe_backbone, extract_features
+from cifarlab.continual.features import FEATURE_BATCH_SIZE, describe_backbone, extract_features
 from cifarlab.continual.metrics import auroc, average_incremental_accuracy, forgetting, seen_accuracy
 from cifarlab.continual.plots import plot_accuracy_per_step
 from cifarlab.continual.state import ContinualState, save_state
@@ -51,9 +51,9 @@ class ProtocolOptions:
     """How the increments arrive and what is measured.
 
     order: dataset class indices of the increments (default: the classes not in the base, in
-    index order); group_size: classes per increment; layer/input_size: where features are read
-    and at what input size (see features.extract_features; the baselines train at the base run's
-    own input size); finetune_epochs: epochs per increment of the `finetune` baseline (0: skip);
+    index order); group_size: classes per increment; layer: where features are read (see
+    features.extract_features; inputs are resized to the base run's own data.input_size, as in its
+    training); finetune_epochs: epochs per increment of the `finetune` baseline (0: skip);
     joint: also train the `joint` upper bound; data: dataset path (default: the base run's).
     """
 
@@ -62,12 +62,11 @@ class ProtocolOptions:
     methods: tuple[str, ...] = tuple(METHODS)
     method_options: MethodOptions = field(default_factory=MethodOptions)
     layer: str | None = None
-    input_size: int | None = None
     finetune_epochs: int = 1
     joint: bool = False
     data: str | None = None
     device: str = "auto"
-    batch_size: int = 500
+    batch_size: int = FEATURE_BATCH_SIZE
     out: str | None = None  # default: <base run>/continual
     progress: bool = True
 
@@ -78,8 +77,6 @@ class ProtocolOptions:
         for name, low in (("group_size", 1), ("finetune_epochs", 0), ("batch_size", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if self.input_size is not None and self.input_size < 8:
-            raise ConfigError(f"input_size must be >= 8 pixels, got {self.input_size}")
 
 
 def plan_steps(base: Sequence[int], order: Sequence[int] | None, *, classes: Sequence[str],
@@ -155,11 +152,10 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
     say = print if options.progress else (lambda *_: None)
     num_classes = len(dataset.classes)
     image_size = dataset.train.images.shape[-1]
-    backbone = describe_backbone(model, preprocess, layer=options.layer, input_size=options.input_size,
-                                 image_size=image_size, checkpoint=str(checkpoint.resolve()))
-    extract = partial(extract_features, preprocess=preprocess, layer=options.layer,
-                      input_size=options.input_size, batch_size=options.batch_size)
-    logits_of = partial(_logits, preprocess=preprocess, input_size=options.input_size, batch_size=options.batch_size)
+    backbone = describe_backbone(model, preprocess, layer=options.layer, image_size=image_size,
+                                 checkpoint=str(checkpoint.resolve()))
+    extract = partial(extract_features, preprocess=preprocess, layer=options.layer, batch_size=options.batch_size)
+    logits_of = partial(_logits, preprocess=preprocess, batch_size=options.batch_size)
 
     start = time.perf_counter()
     test_features, targets = extract(model, dataset.test.images), dataset.test.labels
@@ -196,8 +192,7 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
     if options.joint:
         joint, joint_preprocess = _train_joint(config, learned, names=[dataset.classes[c] for c in learned],
                                                data=options.data, out=out / "joint", device=device)
-        joint_logits = _logits(joint, dataset.test.images, preprocess=joint_preprocess,
-                               input_size=options.input_size, batch_size=options.batch_size)
+        joint_logits = _logits(joint, dataset.test.images, preprocess=joint_preprocess, batch_size=options.batch_size)
         log["joint"] = [None] * (len(steps) - 1) + [_head_metrics(joint_logits, ids, targets, seen[-1])]
 
     state_path = save_state(out / "state.pt", state)
@@ -264,10 +259,9 @@ def _base_classes(config: RunConfig, dataset: Dataset, base_names: Sequence[str]
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, images: Tensor, *, preprocess: Preprocessor, input_size: int | None,
-            batch_size: int) -> Tensor:
+def _logits(model: nn.Module, images: Tensor, *, preprocess: Preprocessor, batch_size: int) -> Tensor:
     """The model's own head on its penultimate features: (N, outputs) on CPU."""
-    features = extract_features(model, images, preprocess=preprocess, input_size=input_size, batch_size=batch_size)
+    features = extract_features(model, images, preprocess=preprocess, batch_size=batch_size)
     head = model.get_classifier()
     return head(features.to(head.weight.device)).float().cpu()
 

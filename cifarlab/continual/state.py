@@ -13,13 +13,14 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from cifarlab.continual.features import Backbone, check_same_backbone, describe_backbone, extract_features
+from cifarlab.continual.features import (FEATURE_BATCH_SIZE, Backbone, check_same_backbone, describe_backbone,
+                                         extract_features)
 from cifarlab.continual.stats import ClassStats, FeatureStats, StreamStats
+from cifarlab.data.sources import read_images
 from cifarlab.errors import CheckpointError, ConfigError, DataError
 from cifarlab.io import load_tensors, save_tensors
 from cifarlab.train.checkpoint import load_model
 from cifarlab.train.engine import resolve_device
-from cifarlab.train.inference import read_image
 
 FORMAT = "cifarlab-continual-state/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -98,7 +99,7 @@ def load_state(path: str | Path) -> ContinualState:
 
 def add_class_from_folder(state_path: str | Path, class_name: str, images_dir: str | Path, *,
                           checkpoint: str | Path | None = None, device: str = "auto",
-                          batch_size: int = 500) -> ContinualState:
+                          batch_size: int = FEATURE_BATCH_SIZE) -> ContinualState:
     """Learn `class_name` from every image in `images_dir` with the state's own backbone
     (rebuilt from `checkpoint`, default the one recorded in the state) and replace the state
     file; on any error the file is left as it was."""
@@ -109,7 +110,7 @@ def add_class_from_folder(state_path: str | Path, class_name: str, images_dir: s
     folder = Path(images_dir)
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)  # the dataset's order
     if not files:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}): an empty class cannot be learned")
     source = checkpoint if checkpoint is not None else state.backbone.checkpoint
@@ -117,12 +118,11 @@ def add_class_from_folder(state_path: str | Path, class_name: str, images_dir: s
         raise ConfigError(f"{state_path} records no backbone checkpoint; pass checkpoint=... (--checkpoint)")
     model, preprocess, _, _ = load_model(source, device=resolve_device(device))
     saved = state.backbone
-    backbone = describe_backbone(model, preprocess, layer=saved.layer, input_size=saved.input_size,
-                                 image_size=saved.image_size, checkpoint=str(source))
+    backbone = describe_backbone(model, preprocess, layer=saved.layer, image_size=saved.image_size,
+                                 checkpoint=str(source))
     check_same_backbone(saved, backbone)
-    images = torch.stack([read_image(path, (saved.image_size, saved.image_size)) for path in files])  # (N, 3, H, W)
-    features = extract_features(model, images, preprocess=preprocess, layer=saved.layer,
-                                input_size=saved.input_size, batch_size=batch_size)
+    images = torch.from_numpy(read_images(files, size=(saved.image_size, saved.image_size)))  # (N, 3, H, W) uint8
+    features = extract_features(model, images, preprocess=preprocess, layer=saved.layer, batch_size=batch_size)
     new_state = state.add_class(class_name, features.split(batch_size), backbone=backbone)
     save_state(state_path, new_state)
     return new_state

@@ -70,7 +70,8 @@ class BatchLoader:
             yield self.transform(self.images[index], generator), self.labels[index].repeat_interleave(self.views)
 
     def transform(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> float, augmented (`views` times per image) and normalised."""
+        """uint8 (B, 3, H, W) -> float, augmented (`views` times per image), normalised and resized to the
+        preprocessor's input size."""
         x = images.float().div_(255)
         if self.views > 1:
             x = x.repeat_interleave(self.views, dim=0)
@@ -128,7 +129,7 @@ def prepare_data(
     if config.val_size:
         keep, held_out = stratified_split(train.labels, config.val_size, seed=seed)
         train, val = train.subset(keep), train.subset(held_out)
-    preprocess = fit_preprocessor(config.preprocess, train.images).to(device)
+    preprocess = fit_preprocessor(config.preprocess, train.images, size=config.input_size).to(device)
     augment = Augment(
         crop_padding=config.crop_padding,
         pad_mode=config.pad_mode,

@@ -1,8 +1,10 @@
-"""Input preprocessing fitted on the training split: per-channel normalisation, mean subtraction, ZCA, GCN + ZCA.
+"""Input preprocessing fitted on the training split: per-channel normalisation, mean subtraction, ZCA, GCN + ZCA,
+then an optional resize to the network's input size.
 
 The statistics are fitted once on the uint8 training images (`fit_preprocessor`) and stored as buffers of
 a `Preprocessor` module that maps float batches in [0, 1] to the model's input. `Preprocessor.state()` is a
-plain dict that checkpoints carry, so evaluation and prediction rebuild it without the dataset.
+plain dict that checkpoints carry, so evaluation, prediction and feature extraction rebuild it without the
+dataset, and so resize exactly as training did.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cifarlab.errors import CheckpointError, ConfigError, DataError
@@ -33,6 +36,22 @@ DEFAULT_ZCA_EPSILON: dict[str, float] = {"zca": 1e-2, "gcn_zca": 0.1}
 # GCN divides each image by its std; the floor stops near-uniform images from having their noise blown up.
 # It matches Coates et al. (2011)'s sqrt(var + 10) on 0..255 pixels, i.e. sqrt(10) / 255 ~= 0.0124 in [0, 1].
 GCN_MIN_STD = 1e-2
+MIN_INPUT_SIZE = 8  # the CIFAR networks halve the resolution up to three times
+
+
+def check_input_size(name: str, size: int | None) -> None:
+    """ConfigError unless `size` is None (no resize) or an integer >= MIN_INPUT_SIZE."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < MIN_INPUT_SIZE):
+        raise ConfigError(f"{name} must be an integer >= {MIN_INPUT_SIZE} (pixels per side) or unset, got {size!r}")
+
+
+def resize(x: Tensor, size: int) -> Tensor:
+    """Float (B, C, H, W) -> (B, C, size, size), bilinear; antialiased when shrinking so that downsizing averages
+    pixels instead of skipping them. The batch itself when it already has that size."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=size < max(x.shape[-2:]))
 
 
 def _check_kind(kind: str) -> None:
@@ -52,7 +71,10 @@ def global_contrast_normalize(x: Tensor, *, min_std: float = GCN_MIN_STD) -> Ten
 
 
 class Preprocessor(nn.Module):
-    """Maps (B, C, H, W) float batches in [0, 1] to normalised float batches of the same shape, device and dtype."""
+    """Maps (B, C, H, W) float batches in [0, 1] to normalised float batches of the same device and dtype, resized
+    to (size, size) when `size` is set. Normalisation runs first, at the stored resolution its statistics were
+    fitted at (a ZCA matrix only fits that one), then the resize: for the per-channel kinds the order does not
+    matter, since bilinear weights sum to one."""
 
     def __init__(
         self,
@@ -62,15 +84,18 @@ class Preprocessor(nn.Module):
         std: Tensor | None = None,
         whiten: Tensor | None = None,
         gcn_min_std: float = GCN_MIN_STD,
+        size: int | None = None,
     ) -> None:
         super().__init__()
         _check_kind(kind)
+        check_input_size("input size", size)
         given = {"mean": mean, "std": std, "whiten": whiten}
         present = tuple(name for name, value in given.items() if value is not None)
         if present != _BUFFERS[kind]:
             raise ConfigError(f"preprocessor {kind!r} needs tensors {_BUFFERS[kind]}, got {present}")
         self.kind = kind
         self.gcn_min_std = float(gcn_min_std)
+        self.size = size
         for name, value in given.items():
             # Buffers (mean (C,1,1) or (C,H,W), std (C,1,1), whiten (D,D)) follow .to(device) with the model.
             self.register_buffer(name, None if value is None else value.detach().clone())
@@ -85,15 +110,15 @@ class Preprocessor(nn.Module):
         if self.whiten is not None:
             # W is symmetric, so right-multiplying rows by W applies W to every flattened image.
             x = (x.flatten(1) @ self.whiten.to(x.dtype)).view_as(x)
-        return x
+        return x if self.size is None else resize(x, self.size)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}"
+        return f"kind={self.kind!r}" + ("" if self.size is None else f", size={self.size}")
 
-    def state(self) -> dict[str, str | float | Tensor]:
-        """Plain dict (str, float, CPU tensors) that `torch.load(weights_only=True)` accepts."""
+    def state(self) -> dict[str, str | float | int | None | Tensor]:
+        """Plain dict (str, numbers, None, CPU tensors) that `torch.load(weights_only=True)` accepts."""
         tensors = {name: getattr(self, name).detach().cpu().clone() for name in _BUFFERS[self.kind]}
-        return {"kind": self.kind, "gcn_min_std": self.gcn_min_std, **tensors}
+        return {"kind": self.kind, "gcn_min_std": self.gcn_min_std, "size": self.size, **tensors}
 
     @classmethod
     def from_state(cls, state: dict) -> Preprocessor:
@@ -104,7 +129,10 @@ class Preprocessor(nn.Module):
         if missing:
             raise CheckpointError(f"preprocessor state of kind {state['kind']!r} lacks tensors {missing}")
         tensors = {name: state[name] for name in _BUFFERS[state["kind"]]}
-        return cls(state["kind"], gcn_min_std=state["gcn_min_std"], **tensors)
+        try:  # checkpoints written before inputs could be resized have no "size": they were not
+            return cls(state["kind"], gcn_min_std=state["gcn_min_std"], size=state.get("size"), **tensors)
+        except ConfigError as error:
+            raise CheckpointError(f"damaged preprocessor state: {error}") from None
 
 
 def _float64_chunks(images: Tensor, *, batch_size: int, gcn_min_std: float | None) -> Iterator[Tensor]:
@@ -121,8 +149,10 @@ def fit_preprocessor(
     zca_epsilon: float | None = None,
     gcn_min_std: float = GCN_MIN_STD,
     batch_size: int = 1024,
+    size: int | None = None,
 ) -> Preprocessor:
-    """Fit `kind` on the uint8 (N, C, H, W) training images only, in float64 over chunks of `batch_size`.
+    """Fit `kind` on the uint8 (N, C, H, W) training images only, in float64 over chunks of `batch_size`; the
+    preprocessor then resizes its output to (size, size) when `size` is given (see `Preprocessor`).
 
     Chunks of ~1024 keep the per-pixel sums in cache (4096 is 2-3x slower) and the Gram updates efficient.
 
@@ -140,8 +170,9 @@ def fit_preprocessor(
         raise ConfigError(f"zca_epsilon must be > 0, got {zca_epsilon}")
     if not gcn_min_std > 0:
         raise ConfigError(f"gcn_min_std must be > 0, got {gcn_min_std}")
+    check_input_size("input size", size)
     if kind == "none":
-        return Preprocessor("none")
+        return Preprocessor("none", size=size)
 
     n, shape = len(train_images), train_images.shape[1:]
     float64 = {"dtype": torch.float64, "device": train_images.device}
@@ -162,9 +193,9 @@ def fit_preprocessor(
         channel_std = channel_var.clamp_min(0).sqrt()
         if (channel_std == 0).any():
             raise DataError(f"cannot normalise: channel std is zero in {channel_std.flatten().tolist()}")
-        return Preprocessor(kind, mean=channel_mean.float(), std=channel_std.float())
+        return Preprocessor(kind, mean=channel_mean.float(), std=channel_std.float(), size=size)
     if kind == "mean":
-        return Preprocessor(kind, mean=mean.float())
+        return Preprocessor(kind, mean=mean.float(), size=size)
 
     flat_mean = mean.flatten()
     cov = gram / n - torch.outer(flat_mean, flat_mean)
@@ -173,4 +204,4 @@ def fit_preprocessor(
     # Rounding can leave tiny negative eigenvalues; the covariance is positive semi-definite.
     scale = (eigenvalues.clamp_min(0) + eps).rsqrt()
     whiten = (eigenvectors * scale) @ eigenvectors.T
-    return Preprocessor(kind, mean=mean.float(), whiten=whiten.float(), gcn_min_std=gcn_min_std)
+    return Preprocessor(kind, mean=mean.float(), whiten=whiten.float(), gcn_min_std=gcn_min_std, size=size)

@@ -39,7 +39,9 @@ from cifarlab.io import atomic_write
 
 NAMES = ("cifar10", "cifar100")
 _CACHE_VERSION = "1"  # bump when the decoded arrays change meaning
-_IMAGES_PER_TASK = 2000  # image-folder decoding: files per pool task; fewer files decode in-process
+# Files per decoding task in the worker pool; fewer files decode in-process. Small enough that 5,000 files
+# (one class) split evenly over a few cores, large enough that a task costs far more than its dispatch.
+_IMAGES_PER_TASK = 500
 
 
 @dataclass(frozen=True)
@@ -356,16 +358,19 @@ def _decode_image_folder(root: Path, *, progress: bool) -> tuple[list[str], tupl
             files[split] += found
             labels[split] += [label] * len(found)
     n_train = len(files["train"])
-    images = _read_images(files["train"] + files["test"], progress=progress)
+    images = read_images(files["train"] + files["test"], progress=progress)
     return (classes["train"], (images[:n_train], np.array(labels["train"], dtype=np.int64)),
             (images[n_train:], np.array(labels["test"], dtype=np.int64)))
 
 
-def _read_images(paths: list[str], *, progress: bool) -> np.ndarray:
-    """Decode image files to one (N, 3, H, W) uint8 array; every image must have the first one's size."""
-    size = _read_image(paths[0]).shape[:2]
+def read_images(paths: list[str], *, size: tuple[int, int] | None = None, progress: bool = False) -> np.ndarray:
+    """Decode image files to one (N, 3, H, W) uint8 array, in worker processes when there are many (Pillow holds
+    the GIL for most of the work on small images, so threads would not help). size (H, W): images of another size
+    are resized to it (bilinear); None: every image must have the first one's size."""
+    resize = size is not None
+    size = size if resize else _read_image(paths[0]).shape[:2]
     tasks = [paths[i:i + _IMAGES_PER_TASK] for i in range(0, len(paths), _IMAGES_PER_TASK)]
-    decode = partial(_decode_images, size=size)
+    decode = partial(_decode_images, size=size, resize=resize)
     chunks = []
     with tqdm(total=len(paths), unit="img", desc="decoding images", disable=not progress) as bar:
         if len(tasks) == 1:  # a pool costs more to start than a few hundred images take
@@ -379,10 +384,10 @@ def _read_images(paths: list[str], *, progress: bool) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def _decode_images(paths: list[str], *, size: tuple[int, int]) -> np.ndarray:
+def _decode_images(paths: list[str], *, size: tuple[int, int], resize: bool) -> np.ndarray:
     images = np.empty((len(paths), size[0], size[1], 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        image = _read_image(path)
+        image = _read_image(path, size if resize else None)
         if image.shape[:2] != size:
             raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]} pixels, expected "
                             f"{size[1]}x{size[0]} like the first image; all images must have one size")
@@ -390,11 +395,15 @@ def _decode_images(paths: list[str], *, size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
 
 
-def _read_image(path: str) -> np.ndarray:
-    """(H, W, 3) uint8; grayscale, palette and RGBA images are converted to RGB."""
+def _read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8, resized (bilinear) to size (H, W) when given; grayscale, palette and RGBA images are
+    converted to RGB."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            image = image.convert("RGB")
+            if size is not None and image.size != (size[1], size[0]):
+                image = image.resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(image)
     except Exception as e:  # Pillow signals broken files with OSError, SyntaxError, ValueError, ...
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 

@@ -17,6 +17,9 @@ Label smoothing, Nesterov SGD with warmup and decay, bf16, channels_last and tor
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +39,22 @@ WHITEN_EPS = 5e-3
 BN_MOMENTUM = 0.6
 FEATURE_SCALE = 1 / 9  # airbench's head scaling: the head starts with small logits
 TTA_LEVELS = (0, 1, 2)  # none, + mirror, + mirror and 1-pixel shifts (6 views)
+
+
+def _disable_compile_lazily(method: Callable) -> Callable:
+    """`torch.compiler.disable(method)`, applied at the first call rather than at import: the decorator imports
+    torch._dynamo (about a second of start-up on 2 CPU cores), which uses that never train, such as feature
+    extraction in `cifarlab continual add`, do not need. Dynamo also honours a disable created while it traces."""
+    disabled = None
+
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(method)
+        return disabled(*args, **kwargs)
+
+    return call
 
 
 def conv_bn_gelu(in_ch: int, out_ch: int, *, pool: bool) -> list[nn.Module]:
@@ -131,7 +150,7 @@ class FastNet(CifarModel):
         views = tta_views(x, self.tta)
         return sum(self._features(view) for view in views) / len(views)
 
-    @torch.compiler.disable  # in-place weight updates every k steps stay out of the compiled graph
+    @_disable_compile_lazily  # in-place weight updates every k steps stay out of the compiled graph
     @torch.no_grad()
     def _lookahead_tick(self) -> None:
         """Called before every training forward, i.e. after every optimizer step (the first call: none yet)."""

@@ -18,7 +18,7 @@ from torch import Tensor
 from cifarlab.data.sources import Split, stratified_indices
 from cifarlab.io import atomic_write, write_json
 from cifarlab.uncertainty.baselines import fit_temperature, temperature_scale
-from cifarlab.uncertainty.metrics import (ReliabilityBins, auroc, bins_ece, classification_metrics,
+from cifarlab.uncertainty.metrics import (ReliabilityBins, auroc, bins_ece, calibrated_ece, classification_metrics,
                                           predictive_entropy, reliability_bins)
 from cifarlab.uncertainty.ood import CORRUPTIONS, SEVERITIES, corrupt
 
@@ -41,10 +41,12 @@ def evaluate_uncertainty(
 ) -> dict[str, Any]:
     """Metrics of `predict` on the test split, and with `out_dir`, uncertainty.json and the plots there.
 
-    val: held-out training images to fit a temperature on (adds the `*_ts` entries). ood_images: uint8 images
-    of classes the model never saw (adds `ood_auroc`: predictive entropy separating them from the test set).
-    Corruptions are applied to a class-balanced subset of `corruption_images` test images (all when None):
-    each corruption and severity costs one prediction pass over them.
+    val: held-out training images to fit a temperature on (adds the `*_ts` entries; never the test set).
+    ood_images: uint8 images of classes the model never saw (adds `ood_auroc`: predictive entropy separating
+    them from the test set). Corruptions are applied to a class-balanced subset of `corruption_images` test
+    images (all when None): each corruption and severity costs one prediction pass over them;
+    `corruption_mean` averages their metrics over corruptions and severities >= 1. `ece_floor` is the ECE a
+    perfectly calibrated predictor with the same confidences would show on as many images (metrics.calibrated_ece).
     """
 
     def probs_of(images: Tensor) -> Tensor:
@@ -54,41 +56,49 @@ def evaluate_uncertainty(
     probs = probs_of(test.images)
     predict_seconds = time.perf_counter() - start
     labels = test.labels.cpu()
-    results: dict[str, Any] = {"test": classification_metrics(probs, labels), "test_images": len(labels),
+    results: dict[str, Any] = {"test": _test_metrics(probs, labels, seed), "test_images": len(labels),
                                "predict_seconds": predict_seconds}
-    scaled = None
+    temperature = None
     if val is not None:
         temperature = fit_temperature(probs_of(val.images), val.labels.cpu())
         scaled = temperature_scale(probs, temperature)
-        results.update(temperature=temperature, test_ts=classification_metrics(scaled, labels))
+        results.update(temperature=temperature, test_ts=_test_metrics(scaled, labels, seed))
     if ood_images is not None:
         ood_probs = probs_of(ood_images)
         results["ood_images"] = len(ood_images)
         results["ood_entropy"] = predictive_entropy(ood_probs).mean().item()
         results["ood_auroc"] = auroc(predictive_entropy(probs), predictive_entropy(ood_probs))
-        if scaled is not None:
-            ood_scaled = temperature_scale(ood_probs, results["temperature"])
+        if temperature is not None:
+            ood_scaled = temperature_scale(ood_probs, temperature)
             results["ood_auroc_ts"] = auroc(predictive_entropy(scaled), predictive_entropy(ood_scaled))
 
     # a class-balanced subset: test splits are often ordered by class
     subset = torch.arange(len(labels)) if corruption_images is None or corruption_images >= len(labels) else \
         stratified_indices(labels, corruption_images, seed=seed)
-    clean_entropy = predictive_entropy(probs[subset])
-    clean = {**_short(classification_metrics(probs[subset], labels[subset])), "auroc_vs_clean": 0.5}
+    subset_labels = labels[subset]
+
+    def shift_metrics(shifted_probs: Tensor) -> dict[str, float]:
+        """Accuracy, NLL, ECE and AUROC against the clean images (+ the same after temperature scaling)."""
+        entry = _shift_metrics(shifted_probs, probs[subset], subset_labels)
+        if temperature is not None:
+            scaled_entry = _shift_metrics(temperature_scale(shifted_probs, temperature),
+                                          temperature_scale(probs[subset], temperature), subset_labels)
+            entry.update({f"{k}_ts": v for k, v in scaled_entry.items() if k != "accuracy"})  # TS keeps the argmax
+        return entry
+
+    clean = shift_metrics(probs[subset])
     shifted: dict[str, dict[str, dict[str, float]]] = {}
     for name in corruptions:
         generator = torch.Generator(device=test.images.device).manual_seed(seed)
         shifted[name] = {"0": clean}
         for severity in severities:
             images = corrupt(test.images[subset.to(test.images.device)], name, severity, generator=generator)
-            shifted_probs = probs_of(images)
-            shifted[name][str(severity)] = {
-                **_short(classification_metrics(shifted_probs, labels[subset])),
-                # can entropy tell the corrupted copy from the clean image? (0.5: not at all)
-                "auroc_vs_clean": auroc(clean_entropy, predictive_entropy(shifted_probs)),
-            }
+            shifted[name][str(severity)] = shift_metrics(probs_of(images))
     results["corruptions"] = shifted
     results["corruption_images"] = len(subset)
+    levels = [by_level[str(s)] for by_level in shifted.values() for s in severities]
+    if levels:
+        results["corruption_mean"] = {k: sum(level[k] for level in levels) / len(levels) for k in clean}
 
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -99,8 +109,18 @@ def evaluate_uncertainty(
     return results
 
 
-def _short(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: metrics[k] for k in ("accuracy", "nll", "ece")}
+def _test_metrics(probs: Tensor, labels: Tensor, seed: int) -> dict[str, float]:
+    floor = calibrated_ece(probs, generator=torch.Generator().manual_seed(seed))
+    return {**classification_metrics(probs, labels), "ece_floor": floor}
+
+
+def _shift_metrics(shifted: Tensor, clean: Tensor, labels: Tensor) -> dict[str, float]:
+    metrics = classification_metrics(shifted, labels)
+    return {
+        **{k: metrics[k] for k in ("accuracy", "nll", "ece")},
+        # can entropy tell the corrupted copy from the clean image? (0.5: not at all)
+        "auroc_vs_clean": auroc(predictive_entropy(clean), predictive_entropy(shifted)),
+    }
 
 
 def plot_reliability(bins: ReliabilityBins, path: str | Path, *, title: str = "") -> Path:

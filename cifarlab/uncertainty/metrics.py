@@ -86,6 +86,26 @@ def bins_ece(bins: ReliabilityBins) -> float:
     return (bins.count[full].double() * gap).sum().item() / bins.count.sum().item()
 
 
+def calibrated_ece(probs: Tensor, *, draws: int = 1000, n_bins: int = ECE_BINS,
+                   generator: torch.Generator | None = None) -> float:
+    """Mean ECE of a perfectly calibrated predictor with these confidences: each prediction right with
+    probability equal to its confidence, `draws` times. The binned estimate is biased upwards by sampling
+    noise (about sqrt(2/pi) * sum_b sqrt(n_b c_b (1 - c_b)) / N), so an ECE near this floor cannot be told
+    apart from perfect calibration on this many examples."""
+    if probs.dim() != 2 or probs.shape[0] == 0:
+        raise ValueError(f"expected probs (N, K) with N > 0, got {tuple(probs.shape)}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    confidence = probs.double().max(dim=1).values.cpu()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    index = torch.bucketize(confidence, edges[1:-1])  # the bins of reliability_bins
+    correct = torch.bernoulli(confidence.expand(draws, -1), generator=generator)  # (draws, N)
+    sum_correct = torch.zeros(draws, n_bins, dtype=torch.float64).index_add_(1, index, correct)
+    sum_confidence = torch.bincount(index, weights=confidence, minlength=n_bins)  # (B,), the same every draw
+    # sum over bins of (n_b / N) |acc_b - conf_b| = sum over bins of |sum correct - sum confidence| / N
+    return ((sum_correct - sum_confidence).abs().sum(dim=1) / len(confidence)).mean().item()
+
+
 def auroc(scores_in: Tensor, scores_out: Tensor) -> float:
     """Area under the ROC curve for telling OOD from in-distribution by a score (higher = more OOD).
 

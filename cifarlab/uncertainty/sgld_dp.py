@@ -10,7 +10,9 @@ sqrt(2 * eta * T / n). They agree when
 
 so DP-SGD with this C and no momentum samples the posterior while clipping is inactive, and the accountant
 still bounds the privacy spent, clipped or not. C follows eta when the schedule changes it.
-Trains through Opacus (GradSampleModule + DPOptimizer) directly, with the run's own Poisson-sampling loader.
+Per-example clipping is cifarlab.privacy.clipping's (single-pass "fast" by default, or Opacus's hooks), the
+noise and step Opacus's DPOptimizerFastGradientClipping, as in cifarlab.privacy.dpsgd; batches come from the
+run's own Poisson-sampling loader.
 """
 from __future__ import annotations
 
@@ -18,13 +20,13 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.validators import ModuleValidator
 from torch import nn
 
 from cifarlab.errors import ConfigError
 from cifarlab.privacy.accounting import DEFAULT_ACCOUNTANT, DEFAULT_DELTA, check_delta, epsilon
+from cifarlab.privacy.clipping import CLIP_METHODS, check_fast_supported, clipped_grad_sum, trainable_parameters
 from cifarlab.train.engine import StepResult
 
 
@@ -42,27 +44,38 @@ def sgld_clip_norm(*, batch_size: float, noise_multiplier: float, lr: float, num
 class SGLDDP:
     """Wraps a model for DP-SGD-as-SGLD training with the engine: pass `model`, `optimizer`, `train_step`.
 
-    The model is instrumented in place by Opacus (per-sample gradient hooks on its layers), so the engine
-    trains and checkpoints the ordinary module. The loader must sample Poisson batches of expected size
-    `batch_size` over `num_data` examples, which is what the accountant assumes.
+    The model itself is trained (and checkpointed by the engine; its in-place activations are turned off); it
+    must have per-example layers only (no batch norm). grad_sample_mode: "fast" or "hooks" (cifarlab.privacy.
+    clipping). The loader must sample Poisson batches of expected size `batch_size` over `num_data` examples,
+    which is what the accountant assumes.
     """
 
     def __init__(self, model: nn.Module, *, lr: float, num_data: int, batch_size: int, noise_multiplier: float,
                  weight_decay: float = 0.0, temperature: float = 1.0, delta: float = DEFAULT_DELTA,
-                 accountant: str = DEFAULT_ACCOUNTANT) -> None:
+                 accountant: str = DEFAULT_ACCOUNTANT, grad_sample_mode: str = "fast") -> None:
         check_delta(delta, num_data)
+        if grad_sample_mode not in CLIP_METHODS:
+            raise ConfigError(f"unknown grad_sample_mode {grad_sample_mode!r}; valid: {', '.join(CLIP_METHODS)}")
+        problems = ModuleValidator.validate(model, strict=False)
+        if problems:  # batch statistics mix the examples of a batch: no per-example gradients exist
+            why = str(problems[0]).split(". ")[0]
+            raise ConfigError(f"sgld-dp cannot train this model: {why}; use one without batch norm "
+                              "(e.g. cnn, or wrn with model.args.norm=group)")
+        if grad_sample_mode == "fast":
+            check_fast_supported(model)
         self.num_data, self.batch_size, self.temperature = num_data, batch_size, temperature
         self.noise_multiplier, self.delta, self.accountant = noise_multiplier, delta, accountant
+        self.grad_sample_mode = grad_sample_mode
         self.model = model
-        try:
-            self._grad_sample = GradSampleModule(model)  # registers hooks on model's layers
-        except NotImplementedError as error:  # Opacus refuses batch norm: it mixes examples
-            raise ConfigError(f"sgld-dp cannot train this model: {error}; use one without batch norm "
-                              "(e.g. cnn, or wrn with model.args.norm=group)") from None
+        for module in model.modules():  # Opacus's backward hooks forbid in-place ops on a hooked layer's output
+            if getattr(module, "inplace", False):
+                module.inplace = False  # the same function: the model still loads its checkpoints
         # no momentum: Li et al.'s equivalence is for plain SGD; weight decay is the Gaussian prior, not clipped
-        sgd = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
-        self.optimizer = DPOptimizer(sgd, noise_multiplier=noise_multiplier, max_grad_norm=self._clip_norm(lr),
-                                     expected_batch_size=batch_size)
+        sgd = torch.optim.SGD(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
+        # adds N(0, sigma^2 C^2) to the clipped sum in p.grad and divides by the expected batch size
+        self.optimizer = DPOptimizerFastGradientClipping(sgd, noise_multiplier=noise_multiplier,
+                                                         max_grad_norm=self._clip_norm(lr),
+                                                         expected_batch_size=batch_size, loss_reduction="mean")
         self.steps = self.clipped = self.examples = 0
 
     def _clip_norm(self, lr: float) -> float:
@@ -81,16 +94,17 @@ class SGLDDP:
         if len(y) == 0:  # nothing to release; the noise-only update is skipped (it carries no data)
             return StepResult(0.0, 0, 0)
         self.optimizer.max_grad_norm = self._clip_norm(optimizer.param_groups[0]["lr"])
-        logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no gradient
+        with warnings.catch_warnings():  # grad_sample_mode hooks: the first layer's input needs no gradient
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss.backward()
-        norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in self.optimizer.grad_samples], dim=1).norm(dim=1)
-        self.clipped += int((norms > self.optimizer.max_grad_norm).sum())
+            result = clipped_grad_sum(model, x, y, max_grad_norm=self.optimizer.max_grad_norm,
+                                      method=self.grad_sample_mode)
+        self.clipped += int((result.norms > self.optimizer.max_grad_norm).sum())
         self.examples += len(y)
+        for p, g in zip(trainable_parameters(model), result.grads):
+            p.grad = g
         optimizer.step()
-        return StepResult(loss.detach() * len(y), (logits.argmax(1) == y).sum(), len(y))
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(result.losses.sum(), (result.logits.argmax(1) == y).sum(), len(y))
 
     def clipped_fraction(self) -> float:
         """Share of per-example gradients clipped so far: where it is not ~0 the run is not exactly SGLD."""

@@ -4,13 +4,19 @@ Each method is the ordinary run plus one change:
 - none: the plain network (its temperature-scaled version is reported too, when there is a validation set).
 - mc-dropout: the same run; at test time `passes` passes with dropout on (the model must have dropout).
 - ensemble: `members` ordinary runs with seeds seed, seed+1, ... in member_<k>/.
-- sgld: the SGLD optimizer (optim.lr as an SGD-scale step, optim.weight_decay as the prior, no momentum),
-  one posterior sample per epoch after `burn_in` epochs, every `thin` epochs, kept in samples/ or in memory.
-- sgld-dp: DP-SGD with Li et al.'s clipping norm through Opacus and Poisson batches (sgld_dp.py); one sample
-  per epoch as sgld; metrics.csv gets the epsilon spent and the fraction of clipped gradients.
+- sgld: the SGLD optimizer (no momentum; step `sgld_lr`, default optim.lr, with the run's schedule;
+  optim.weight_decay as the prior), one posterior sample per epoch after `burn_in` epochs, every `thin` epochs,
+  kept in samples/ or in memory.
+- sgld-dp: DP-SGD with Li et al.'s clipping norm (per-example clipping of cifarlab.privacy, Opacus's noise) and
+  Poisson batches (sgld_dp.py), the step as sgld; one sample per epoch as sgld; metrics.csv gets the epsilon
+  spent and the fraction of clipped gradients.
 
-Run folder: config.yaml (the resolved RunConfig), uncertainty.yaml (this module's options), the engine's
-metrics.csv / best.pt / last.pt, samples/ or member_<k>/, summary.json, uncertainty.json and the plots.
+The test set is scored once, at the end (evaluate_uncertainty); during training the engine evaluates only the
+validation split, which picks the best epoch and fits the temperature.
+
+Run folder: config.yaml (the resolved RunConfig, with the optimizer as the method ran it), uncertainty.yaml
+(this module's options), the engine's metrics.csv / best.pt / last.pt, samples/ or member_<k>/, summary.json,
+uncertainty.json and the plots.
 """
 from __future__ import annotations
 
@@ -49,6 +55,9 @@ class UncertaintyConfig:
     members: int = 4  # ensemble (4: the uncertainty-baselines anchor)
     passes: int = 30  # mc-dropout test-time passes
     temperature: float = 1.0  # sgld, sgld-dp: 1 is the Bayes posterior, < 1 a cold one
+    # sgld, sgld-dp: step size (None: optim.lr). SGD's momentum m moves weights 1 / (1 - m) times further per
+    # step, but SGLD without momentum at lr / (1 - m) stalled the cnn (tested at 0.5): set it per model.
+    sgld_lr: float | None = None
     burn_in: int | None = None  # sgld, sgld-dp: epochs before the first sample; None: half of them
     thin: int = 1  # sgld: epochs between samples
     keep: str = "disk"  # sgld: samples as checkpoints in samples/ ("disk") or only in memory ("memory")
@@ -68,6 +77,8 @@ class UncertaintyConfig:
             raise ConfigError(f"keep must be 'disk' or 'memory', got {self.keep!r}")
         if self.temperature <= 0 or self.noise_multiplier <= 0:
             raise ConfigError("temperature and noise_multiplier must be > 0")
+        if self.sgld_lr is not None and not self.sgld_lr > 0:
+            raise ConfigError(f"sgld_lr must be > 0 (or None for optim.lr), got {self.sgld_lr}")
         unknown = sorted(set(self.corruptions) - set(CORRUPTIONS))
         if unknown:
             raise ConfigError(f"unknown corruption {unknown[0]!r}; valid: {', '.join(CORRUPTIONS)}")
@@ -83,7 +94,7 @@ def train_uncertainty(config: RunConfig, options: UncertaintyConfig, *,
     """Train per `options.method` into `run_dir` (default config.train.out or runs/<time>-<model>-<method>),
     evaluate, write the run folder, and return summary.json's contents."""
     options.validate(config.train.epochs)
-    config = _for_method(config, options.method)
+    config = _for_method(config, options)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir or config.train.out or f"runs/{stamp}-{config.model.name}-{options.method}")
     if (run_dir / "summary.json").exists():
@@ -104,7 +115,7 @@ def train_uncertainty(config: RunConfig, options: UncertaintyConfig, *,
             member = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=config.train.seed + k))
             torch.manual_seed(member.train.seed)
             net = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
-            result = fit(net, data=data, config=member, run_dir=run_dir / f"member_{k}")
+            result = fit(net, data=_without_test(data), config=member, run_dir=run_dir / f"member_{k}")
             train_seconds += result.summary["train_seconds"]
             states.append(read_checkpoint(run_dir / f"member_{k}" / "best.pt")["model_state"])
         predict = _posterior(model, states)
@@ -114,7 +125,7 @@ def train_uncertainty(config: RunConfig, options: UncertaintyConfig, *,
         train_seconds, extra = _train_sgld(model, data, config, options, collector, run_dir)
         predict = _posterior(model, collector)
     else:
-        train_seconds = fit(model, data=data, config=config, run_dir=run_dir).summary["train_seconds"]
+        train_seconds = fit(model, data=_without_test(data), config=config, run_dir=run_dir).summary["train_seconds"]
         model.load_state_dict(read_checkpoint(run_dir / "best.pt")["model_state"])
         predict = _single(model, options)
 
@@ -126,7 +137,8 @@ def train_uncertainty(config: RunConfig, options: UncertaintyConfig, *,
         "train_images": data.train.num_examples,
         "train_seconds": train_seconds,
         "predict_seconds": metrics["predict_seconds"],
-        **{k: metrics[k] for k in ("test", "test_ts", "temperature", "ood_auroc", "ood_auroc_ts") if k in metrics},
+        **{k: metrics[k] for k in ("test", "test_ts", "temperature", "ood_auroc", "ood_auroc_ts", "corruption_mean")
+           if k in metrics},
         **extra,
         "device": str(device),
         "run_dir": str(run_dir),
@@ -169,12 +181,18 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", corruption_images
     return _evaluate(predict, data, config, options, run_dir)
 
 
-def _for_method(config: RunConfig, method: str) -> RunConfig:
+def _for_method(config: RunConfig, options: UncertaintyConfig) -> RunConfig:
     """The run's config as the method trains it (a new object; the caller's is unchanged)."""
-    if method in SAMPLING_METHODS:  # saved as what it is: SGLD, without momentum
-        optim = dataclasses.replace(config.optim, optimizer="sgld", momentum=0.0, nesterov=False)
+    if options.method in SAMPLING_METHODS:  # saved as what it is: SGLD, without momentum
+        lr = config.optim.lr if options.sgld_lr is None else options.sgld_lr
+        optim = dataclasses.replace(config.optim, optimizer="sgld", lr=lr, momentum=0.0, nesterov=False)
         return dataclasses.replace(config, optim=optim)
     return config
+
+
+def _without_test(data: TrainData) -> TrainData:
+    """The data as training sees it: the test split is left to the final evaluation."""
+    return dataclasses.replace(data, evals={k: v for k, v in data.evals.items() if k != "test"})
 
 
 def _data(config: RunConfig, device: torch.device, *, poisson: bool) -> TrainData:
@@ -211,8 +229,8 @@ def _train_sgld(model: nn.Module, data: TrainData, config: RunConfig, options: U
             row.update(epsilon=dp.epsilon(), clipped_fraction=dp.clipped_fraction())
         return row
 
-    result = fit(model, data=data, config=config, run_dir=run_dir, optimizer=optimizer, train_step=train_step,
-                 on_epoch_end=on_epoch_end)
+    result = fit(model, data=_without_test(data), config=config, run_dir=run_dir, optimizer=optimizer,
+                 train_step=train_step, on_epoch_end=on_epoch_end)
     extra: dict[str, Any] = {"posterior_samples": len(collector)}
     if dp is not None:
         extra.update(epsilon=dp.epsilon(), delta=dp.delta, noise_multiplier=dp.noise_multiplier,
@@ -263,29 +281,48 @@ def _held_out_images(config: RunConfig, device: torch.device) -> Tensor | None:
     return held_out.images.to(device)
 
 
-COMPARISON_COLUMNS = ("run", "method", "model", "epochs", "acc %", "NLL", "ECE %", "ECE % (TS)", "OOD AUROC",
-                      "train s", "predict s")
+COMPARISON_COLUMNS = ("run", "method", "model", "epochs", "acc %", "NLL", "Brier", "ECE %", "ECE floor %", "OOD AUROC",
+                      "corr acc %", "corr ECE %", "corr AUROC", "train s", "predict s")
 
 
 def comparison_rows(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
-    """One row per uncertainty run folder (its summary.json): the numbers of the issue's comparison table."""
+    """The issue's comparison table from uncertainty run folders (their summary.json): one row per run, and one
+    more, "<method> + TS", with its temperature-scaled predictions where the run had a validation split.
+
+    OOD AUROC: held-out classes against the test set; corr: means over corruptions and severities 1-5 (AUROC:
+    corrupted against clean copies). ECE floor: the ECE of a perfectly calibrated predictor with the same
+    confidences on as many images. Columns a run predates are None.
+    """
     rows = []
     for run_dir in map(Path, run_dirs):
         path = run_dir / "summary.json"
         if not path.is_file():
             raise CheckpointError(f"{run_dir} has no summary.json: not a finished uncertainty run")
         s = json.loads(path.read_text(encoding="utf-8"))
-        rows.append({
-            "run": run_dir.name,
-            "method": s["method"],
-            "model": s["model"],
-            "epochs": s["epochs"],
-            "acc %": 100 * s["test"]["accuracy"],
-            "NLL": s["test"]["nll"],
-            "ECE %": 100 * s["test"]["ece"],
-            "ECE % (TS)": 100 * s["test_ts"]["ece"] if "test_ts" in s else None,
-            "OOD AUROC": s.get("ood_auroc"),
-            "train s": s["train_seconds"],
-            "predict s": s["predict_seconds"],
-        })
+        common = {"run": run_dir.name, "model": s["model"], "epochs": s["epochs"], "train s": s["train_seconds"],
+                  "predict s": s["predict_seconds"]}
+        rows.append({**common, "method": s["method"], **_scores(s, "")})
+        if "test_ts" in s:
+            rows.append({**common, "method": f"{s['method']} + TS", **_scores(s, "_ts")})
     return rows
+
+
+def _scores(summary: dict[str, Any], suffix: str) -> dict[str, float | None]:
+    """The table's metric columns of a summary: the method's own ("") or after temperature scaling ("_ts")."""
+    test = summary[f"test{suffix}"]
+    shift = summary.get("corruption_mean", {})
+
+    def percent(value: float | None) -> float | None:
+        return None if value is None else 100 * value
+
+    return {
+        "acc %": 100 * test["accuracy"],
+        "NLL": test["nll"],
+        "Brier": test.get("brier"),
+        "ECE %": 100 * test["ece"],
+        "ECE floor %": percent(test.get("ece_floor")),
+        "OOD AUROC": summary.get(f"ood_auroc{suffix}"),
+        "corr acc %": percent(shift.get("accuracy")),  # temperature scaling keeps every prediction's class
+        "corr ECE %": percent(shift.get(f"ece{suffix}")),
+        "corr AUROC": shift.get(f"auroc_vs_clean{suffix}"),
+    }
