@@ -21,7 +21,7 @@ from cifarlab.errors import CheckpointError, ConfigError, DataError
 # Images per forward pass, the same in the protocol and in `continual add` (see the module docstring): the
 # rounding of a feature depends on the batch it was computed in (~3e-8 here), so both must batch alike.
 # Small batches keep the activations in cache: 5,000 images through the fast-cpu net with mirror TTA on
-# 2 CPU cores took 2.5-2.6 s in batches of 32 to 128, 3.3 s of 250 and 3.5 s of 500.
+# 2 CPU cores took 2.25-2.4 s in batches of 64 to 256, 3.05 s of 384 and 3.3 s of 500.
 FEATURE_BATCH_SIZE = 128
 
 
