@@ -55,15 +55,26 @@ def prepare_model(model: nn.Module) -> nn.Module:
                 f"DP-SGD: replaced {len(replaced)} {'/'.join(sorted(set(replaced)))} layer(s) by GroupNorm: batch "
                 "statistics mix the examples of a batch, so per-example gradients (and the privacy guarantee) "
                 "do not exist with them", stacklevel=2)
-    remaining = _privacy_problems(model)
-    if remaining:
-        lines = "\n".join(f"  layer {name!r} ({kind}): {why}" for name, kind, why in remaining)
-        raise ConfigError(f"{type(model).__name__} cannot be trained with DP-SGD:\n{lines}\n"
-                          "Fix: replace these layers by per-example ones (GroupNorm, LayerNorm) or choose another model")
+    require_per_example_layers(model, purpose="DP-SGD",
+                               fix="replace these layers by per-example ones (GroupNorm, LayerNorm) or choose another model")
+    disable_inplace(model)
+    return model
+
+
+def require_per_example_layers(model: nn.Module, *, purpose: str, fix: str) -> None:
+    """ConfigError naming every layer that has no per-example gradient (batch norm mixes a batch's examples)."""
+    problems = _privacy_problems(model)
+    if problems:
+        lines = "\n".join(f"  layer {name!r} ({kind}): {why}" for name, kind, why in problems)
+        raise ConfigError(f"{type(model).__name__} cannot be trained with {purpose}:\n{lines}\nFix: {fix}")
+
+
+def disable_inplace(model: nn.Module) -> None:
+    """Turn off in-place activations (the same function, so checkpoints still load): per-example gradient hooks
+    cannot see through an output that a later op overwrites."""
     for module in model.modules():
         if getattr(module, "inplace", False):
             module.inplace = False
-    return model
 
 
 def _privacy_problems(model: nn.Module) -> list[tuple[str, str, str]]:

@@ -21,12 +21,12 @@ import warnings
 
 import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from cifarlab.errors import ConfigError
 from cifarlab.privacy.accounting import DEFAULT_ACCOUNTANT, DEFAULT_DELTA, check_delta, epsilon
 from cifarlab.privacy.clipping import CLIP_METHODS, check_fast_supported, clipped_grad_sum, trainable_parameters
+from cifarlab.privacy.dpsgd import disable_inplace, require_per_example_layers
 from cifarlab.train.engine import StepResult
 
 
@@ -56,20 +56,15 @@ class SGLDDP:
         check_delta(delta, num_data)
         if grad_sample_mode not in CLIP_METHODS:
             raise ConfigError(f"unknown grad_sample_mode {grad_sample_mode!r}; valid: {', '.join(CLIP_METHODS)}")
-        problems = ModuleValidator.validate(model, strict=False)
-        if problems:  # batch statistics mix the examples of a batch: no per-example gradients exist
-            why = str(problems[0]).split(". ")[0]
-            raise ConfigError(f"sgld-dp cannot train this model: {why}; use one without batch norm "
-                              "(e.g. cnn, or wrn with model.args.norm=group)")
+        require_per_example_layers(model, purpose="sgld-dp",
+                                   fix="use a model without batch norm (e.g. cnn, or wrn with model.args.norm=group)")
         if grad_sample_mode == "fast":
             check_fast_supported(model)
         self.num_data, self.batch_size, self.temperature = num_data, batch_size, temperature
         self.noise_multiplier, self.delta, self.accountant = noise_multiplier, delta, accountant
         self.grad_sample_mode = grad_sample_mode
         self.model = model
-        for module in model.modules():  # Opacus's backward hooks forbid in-place ops on a hooked layer's output
-            if getattr(module, "inplace", False):
-                module.inplace = False  # the same function: the model still loads its checkpoints
+        disable_inplace(model)
         # no momentum: Li et al.'s equivalence is for plain SGD; weight decay is the Gaussian prior, not clipped
         sgd = torch.optim.SGD(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
         # adds N(0, sigma^2 C^2) to the clipped sum in p.grad and divides by the expected batch size
