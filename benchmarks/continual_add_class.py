@@ -10,9 +10,10 @@ stage by stage, in this process, with the functions `add_class_from_folder` call
 
 Without --state, a backbone with random weights stands in (the weights do not change the cost): --recipe gives
 the model and its arguments, --model-arg overrides them (e.g. tta=1: mirror test-time augmentation only), and
-the state has learned no class yet. Such a state and checkpoint are plain enough for older checkouts of
-cifarlab to read, so `--pythonpath OLD_CHECKOUT` also times the command with that older code (before/after),
-the two versions taking turns so that a change in the machine's load hits both alike:
+the state has learned no class yet; it runs at the recipe's precision unless --precision says otherwise (fast-cpu:
+bf16). `--pythonpath OLD_CHECKOUT` also times the command with that older code (before/after), the two versions
+taking turns so that a change in the machine's load hits both alike; the older code must read the state's format
+(checkouts before feature precision was recorded, 2026-11-23, do not):
 
     git archive HEAD | tar -x -C /tmp/before
     python benchmarks/continual_add_class.py --images ... --model-arg tta=1 --pythonpath /tmp/before
@@ -43,14 +44,17 @@ from cifarlab.data.preprocess import fit_preprocessor
 from cifarlab.data.sources import read_images
 from cifarlab.models import create_model
 from cifarlab.train.checkpoint import load_model, save_checkpoint
+from cifarlab.train.engine import resolve_precision
 
 STARTUP = "import cifarlab.cli, cifarlab.continual.state"  # what `cifarlab continual add` imports
 
 
-def make_state(folder: Path, recipe: str, overrides: dict[str, object]) -> Path:
+def make_state(folder: Path, recipe: str, overrides: dict[str, object], precision: str | None) -> Path:
     """A checkpoint of the recipe's model (random weights, 5 base classes; `overrides` replace model arguments)
-    and an empty state over it."""
-    model_config = load_recipe(recipe)["model"]
+    and an empty state over it, at `precision` (default: the recipe's, as `cifarlab continual` resolves it)."""
+    loaded = load_recipe(recipe)
+    model_config = loaded["model"]
+    precision = resolve_precision(torch.device("cpu"), precision or loaded.get("train", {}).get("precision", "auto"))
     name, args = model_config["name"], {**model_config.get("args", {}), **overrides}
     torch.manual_seed(0)
     model = create_model(name, num_classes=5, **args)
@@ -62,7 +66,7 @@ def make_state(folder: Path, recipe: str, overrides: dict[str, object]) -> Path:
                                  classes=list("abcde"), epoch=0)
     model, preprocess, _, _ = load_model(checkpoint)
     dim = extract_features(model, images[:2], preprocess=preprocess).shape[1]
-    backbone = describe_backbone(model, preprocess, checkpoint=str(checkpoint.resolve()))
+    backbone = describe_backbone(model, preprocess, precision=precision, checkpoint=str(checkpoint.resolve()))
     return save_state(folder / "state.pt", ContinualState.empty(backbone, dim))
 
 
@@ -112,14 +116,14 @@ def stages(state_path: Path, images_dir: Path, env: dict[str, str]) -> dict[str,
 
     state = load_state(state_path)
     model, preprocess, _, _ = load_model(state.backbone.checkpoint, device="cpu")
-    backbone = describe_backbone(model, preprocess, layer=state.backbone.layer, image_size=state.backbone.image_size,
-                                 checkpoint=state.backbone.checkpoint)
+    saved = state.backbone
+    backbone = describe_backbone(model, preprocess, layer=saved.layer, image_size=saved.image_size,
+                                 precision=saved.precision, checkpoint=saved.checkpoint)
     lap("load state + backbone, fingerprint")
     files = sorted(str(p) for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    size = (state.backbone.image_size, state.backbone.image_size)
-    images = torch.from_numpy(read_images(files, size=size))
+    images = torch.from_numpy(read_images(files, size=(saved.image_size, saved.image_size)))
     lap(f"decode {len(files)} images")
-    features = extract_features(model, images, preprocess=preprocess, layer=state.backbone.layer)
+    features = extract_features(model, images, preprocess=preprocess, layer=saved.layer, precision=saved.precision)
     lap(f"features {tuple(features.shape)}")
     new_state = state.add_class("benchmark-class", features.split(FEATURE_BATCH_SIZE), backbone=backbone)
     lap("update statistics (float64)")
@@ -136,6 +140,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="fast-cpu", help="without --state: the model of this recipe")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="without --state: override a model argument of the recipe")
+    parser.add_argument("--precision", choices=("fp32", "bf16"),
+                        help="without --state: the backbone's precision (default: the recipe's train.precision)")
     parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs (the median is the figure)")
     parser.add_argument("--pythonpath", type=Path,
                         help="also time the command with the cifarlab package of this checkout (e.g. an older one)")
@@ -158,7 +164,7 @@ def main() -> None:
                                capture_output=True, text=True, check=True, cwd=tempfile.gettempdir()).stdout.strip()
         print(f"{label}: the command runs {where}")
     with tempfile.TemporaryDirectory() as tmp:
-        state = args.state.resolve() if args.state else make_state(Path(tmp), args.recipe, overrides)
+        state = args.state.resolve() if args.state else make_state(Path(tmp), args.recipe, overrides, args.precision)
         print(f"backbone: {load_state(state).backbone.describe()}")
         for label, runs in end_to_end(state, args.images, repeats=args.repeats, envs=envs).items():
             walls = [wall for wall, _ in runs]

@@ -9,7 +9,7 @@ written here with Pillow alone because torchvision is not a dependency.
     python benchmarks/pipeline_speed.py --data ../shared/datasets/cifar10-jpeg --model tutorial --batch-size 128
     python benchmarks/pipeline_speed.py --model resnet18 --precision bf16 --channels-last   # cifarlab's CPU options
 
-`--precision` and `--channels-last` apply to the cifarlab side only (they are what `cifarlab train` offers); the
+`--precision`, `--channels-last` and `--compile` apply to the cifarlab side only (what `cifarlab train` offers); the
 notebook side always trains in fp32, NCHW, as the notebooks do. The printed ratio says which was used.
 """
 from __future__ import annotations
@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="cifarlab side only")
     parser.add_argument("--channels-last", action="store_true", help="cifarlab side only")
+    parser.add_argument("--compile", action="store_true",
+                        help="cifarlab side only: torch.compile the model (compiled during the untimed warm-up)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,6 +91,8 @@ def main() -> None:
         batch_size=args.batch_size, eval_batch_size=1000, progress=False,
     )  # fmt: skip
     model = create_model(args.model)
+    if args.compile:
+        model = torch.compile(model)
     ours = train_steps(model, data.train.batches(torch.Generator().manual_seed(0)), args.steps,
                        autocast=autocast_for(device, args.precision),
                        memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
@@ -105,7 +109,7 @@ def main() -> None:
     print(f"model {args.model}, batch {args.batch_size}, {args.steps} steps, {torch.get_num_threads()} threads")
     print(f"{'pipeline':<34}{'images/s':>10}")
     print(f"{'notebook (PIL + DataLoader, ' + str(args.workers) + ' workers)':<34}{notebook:>10.0f}")
-    layout = ", channels_last" if args.channels_last else ""
+    layout = (", channels_last" if args.channels_last else "") + (", compiled" if args.compile else "")
     print(f"{'cifarlab (batched, in memory, ' + args.precision + layout + ')':<34}{ours:>10.0f}")
     print(f"ratio cifarlab / notebook: {ours / notebook:.2f}x")
 

@@ -216,7 +216,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     config = config_from_args(args)
     seeds = [config.train.seed + i for i in range(args.seeds)]
-    rows = time_to_accuracy(config, thresholds=args.thresholds, seeds=seeds)
+
+    def report(seed: int, run: dict) -> None:
+        print(f"seed {seed}: final test accuracy {run['test_acc'][-1]:.2%} after {len(run['test_acc'])} epochs, "
+              f"{sum(run['epoch_seconds']):.0f} s of training, best {max(run['test_acc']):.2%}", flush=True)
+
+    rows = time_to_accuracy(config, thresholds=args.thresholds, seeds=seeds, on_run=report)
     print(format_rows(rows))
     print(f"appended to {append_csv(args.csv, rows)}")
 
@@ -266,6 +271,7 @@ def cmd_continual(args: argparse.Namespace) -> None:
         joint=args.joint,
         data=args.__dict__["data.path"],
         device=args.__dict__["train.device"] or "auto",
+        precision=args.__dict__["train.precision"] if args.run else None,  # else the run trained from these flags
         out=args.continual_out,
         progress=args.__dict__["train.progress"] is not False,
     )

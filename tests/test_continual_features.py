@@ -64,3 +64,23 @@ def test_fingerprint_tracks_weights_and_preprocessing(setup):
     with pytest.raises(CifarlabError, match="built on backbone"):
         check_same_backbone(a, Backbone(**{**a.to_dict(), "layer": "features.3"}))
     check_same_backbone(a, Backbone(**{**a.to_dict(), "checkpoint": "moved/best.pt"}))  # location is no identity
+
+
+def test_bf16_features_run_under_autocast_and_stay_close_to_fp32(setup):
+    model, preprocess, images = setup
+    fp32 = extract_features(model, images, preprocess=preprocess)
+    bf16 = extract_features(model, images, preprocess=preprocess, precision="bf16")
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # bf16 rounding shows
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05 * fp32.abs().max().item())
+    assert torch.equal(bf16, extract_features(model, images, preprocess=preprocess, precision="bf16"))
+
+
+def test_precision_is_part_of_the_backbone_identity(setup):
+    model, preprocess, _ = setup
+    fp32 = describe_backbone(model, preprocess)
+    bf16 = describe_backbone(model, preprocess, precision="bf16")
+    assert fp32.precision == "fp32" and bf16.to_dict()["precision"] == "bf16"
+    with pytest.raises(CifarlabError, match="bf16"):
+        check_same_backbone(bf16, fp32)
+    with pytest.raises(CifarlabError, match="fp32 or bf16, got 'auto'"):
+        describe_backbone(model, preprocess, precision="auto")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from cifarlab.config import RunConfig
-from cifarlab.continual.protocol import (ProtocolOptions, _widen_head, plan_steps, run_continual, step_metrics,
-                                         summarize_method, summary_table)
+from cifarlab.continual.protocol import (ProtocolOptions, _widen_head, plan_steps, run_continual, run_protocol,
+                                         step_metrics, summarize_method, summary_table)
 from cifarlab.continual.state import load_state
 from cifarlab.errors import CifarlabError
 from cifarlab.models import create_model
@@ -22,6 +22,8 @@ def test_plan_steps_default_order_groups_and_errors():
             plan_steps([0, 1], order, classes=NAMES, group_size=1)
     with pytest.raises(CifarlabError, match="unknown continual method"):
         ProtocolOptions(methods=("lda", "svm"))
+    with pytest.raises(CifarlabError, match="precision must be one of"):
+        ProtocolOptions(precision="fp16")
 
 
 def test_step_metrics_and_summary_on_a_hand_case():
@@ -81,6 +83,11 @@ def test_end_to_end_on_real_images(small_cifar, tmp_path):
     assert [len(row) for row in lda["per_class_accuracy"]] == [10, 10, 10]
     assert lda["novelty_auroc_per_step"][0] is not None
     assert load_state(out / "state.pt").classes == ("airplane", "automobile", "bird", "cat")
+    assert summary["backbone"]["precision"] == "fp32"  # the base run's "auto", on CPU
+    again = run_protocol(tmp_path / "base", ProtocolOptions(order=(2,), methods=("lda",), finetune_epochs=0,
+                                                            precision="bf16", device="cpu", progress=False,
+                                                            out=str(tmp_path / "bf16")))
+    assert load_state(tmp_path / "bf16" / "state.pt").backbone.precision == again["backbone"]["precision"] == "bf16"
     assert [t["images"] for t in summary["seconds_to_add_class"]] == [100] * 4
     table = summary_table(summary)
     assert table.splitlines()[0].split()[:3] == ["method", "final", "acc"] and "finetune" in table

@@ -72,6 +72,28 @@ def test_add_class_from_folder_learns_exactly_the_folder_images(saved, tmp_path)
     torch.testing.assert_close(got.scatter, ref.scatter, rtol=1e-5, atol=1e-5)
 
 
+def test_add_class_computes_features_at_the_states_precision(saved, tmp_path):
+    path, model, preprocess = saved
+    fp32 = load_state(path)
+    bf16 = ContinualState(describe_backbone(model, preprocess, precision="bf16", checkpoint=fp32.backbone.checkpoint),
+                          fp32.stats)
+    save_state(path, bf16)
+    images = _images(12, seed=3)
+    add_class_from_folder(path, "c", _folder(tmp_path / "c", images), device="cpu")
+    got = load_state(path)
+    assert got.backbone.precision == "bf16"
+    ref = batch_stats(extract_features(model, images, preprocess=preprocess, precision="bf16"))
+    assert torch.equal(got.stats.per_class[2].sum, ref.sum)
+
+
+def test_a_state_saved_before_precision_was_recorded_loads_as_fp32(saved):
+    path, _, _ = saved
+    payload = state_to_dict(load_state(path))
+    del payload["backbone"]["precision"]
+    torch.save(payload, path)
+    assert load_state(path).backbone.precision == "fp32"
+
+
 def test_a_folder_of_jpegs_gives_bit_for_bit_the_protocols_statistics(small_cifar, tmp_path):
     """`continual add` on a class folder learns exactly what the protocol learns from the same images loaded as
     a dataset: same decoding, same mirror test-time augmentation, same batches. A checkpoint of the same weights

@@ -184,7 +184,10 @@ def test_bench_rows_table_and_csv_on_real_images(small_cifar, tmp_path):
         "optim": {"lr": 0.2, "nesterov": True, "schedule": "onecycle", "label_smoothing": 0.2},
         "train": {"epochs": 1, "batch_size": 100, "device": "cpu", "progress": False},
     })
-    rows = time_to_accuracy(config, thresholds=[0.0, 1.0], seeds=[0, 1])
+    finished = []
+    rows = time_to_accuracy(config, thresholds=[0.0, 1.0], seeds=[0, 1],
+                            on_run=lambda seed, run: finished.append((seed, len(run["test_acc"]))))
+    assert finished == [(0, 1), (1, 1)]
     reached, never = rows
     assert reached["reached"] == 2 and reached["epoch_mean"] == 1
     assert 0 < reached["seconds_min"] <= reached["seconds_mean"] <= reached["seconds_max"]

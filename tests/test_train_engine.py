@@ -15,7 +15,7 @@ from cifarlab.data.preprocess import fit_preprocessor
 from cifarlab.data.sources import Split
 from cifarlab.models import create_model
 from cifarlab.train.checkpoint import read_checkpoint
-from cifarlab.train.engine import TrainingDiverged, autocast_for, fit
+from cifarlab.train.engine import TrainingDiverged, autocast_for, fit, resolve_precision
 from cifarlab.train.optim import lr_factor
 
 
@@ -153,3 +153,5 @@ def test_autocast_is_bf16_only_where_asked_or_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     with pytest.warns(UserWarning, match="emulated and slower"):
         autocast_for(cpu, "bf16")
+    assert [resolve_precision(d, p) for d in (cpu, torch.device("cuda")) for p in ("auto", "fp32", "bf16")] == [
+        "fp32", "fp32", "bf16", "bf16", "fp32", "bf16"]

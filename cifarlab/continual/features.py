@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from cifarlab.data.preprocess import Preprocessor
 from cifarlab.errors import CheckpointError, ConfigError, DataError
+from cifarlab.train.engine import autocast_for
 
 
 # Images per forward pass, the same in the protocol and in `continual add` (see the module docstring): the
@@ -36,23 +37,24 @@ class Backbone:
     layer: str | None = None       # None: forward_features
     input_size: int | None = None  # side the preprocessor resizes inputs to (the training size); None: as stored
     image_size: int = 32           # side of the stored images (a folder of new images is read at it)
+    precision: str = "fp32"        # "bf16": the network ran under bf16 autocast (states before it: fp32)
     checkpoint: str | None = None  # where to rebuild the network from (not part of the identity)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "model_args": dict(self.model_args), "fingerprint": self.fingerprint,
                 "layer": self.layer, "input_size": self.input_size, "image_size": self.image_size,
-                "checkpoint": self.checkpoint}
+                "precision": self.precision, "checkpoint": self.checkpoint}
 
     def describe(self) -> str:
         where = f"layer {self.layer!r}" if self.layer else "forward_features"
         size = f", input {self.input_size}px" if self.input_size else ""
-        return f"{self.model} {self.model_args} at {where}{size}, weights {self.fingerprint[:12]}"
+        return f"{self.model} {self.model_args} at {where}{size}, {self.precision}, weights {self.fingerprint[:12]}"
 
 
 def check_same_backbone(expected: Backbone, actual: Backbone) -> None:
-    """CheckpointError unless both describe the same network, layer and input size."""
+    """CheckpointError unless both describe the same network, layer, input size and precision."""
     def identity(b: Backbone) -> tuple:
-        return b.model, sorted(b.model_args.items()), b.fingerprint, b.layer, b.input_size, b.image_size
+        return b.model, sorted(b.model_args.items()), b.fingerprint, b.layer, b.input_size, b.image_size, b.precision
 
     if identity(expected) != identity(actual):
         raise CheckpointError(f"the classifier state was built on backbone [{expected.describe()}] but these "
@@ -77,11 +79,14 @@ def fingerprint(model: nn.Module, preprocess: Preprocessor) -> str:
 
 
 def describe_backbone(model: nn.Module, preprocess: Preprocessor, *, layer: str | None = None,
-                      image_size: int = 32, checkpoint: str | None = None) -> Backbone:
+                      image_size: int = 32, precision: str = "fp32", checkpoint: str | None = None) -> Backbone:
     """The Backbone record of a cifarlab model (built by create_model, so it knows its name and args)."""
+    if precision not in ("fp32", "bf16"):  # resolved already: "auto" means different things on different devices
+        raise ConfigError(f"feature precision must be fp32 or bf16, got {precision!r}")
     return Backbone(model=getattr(model, "model_name", type(model).__name__),
                     model_args=dict(getattr(model, "model_args", {})), fingerprint=fingerprint(model, preprocess),
-                    layer=layer, input_size=preprocess.size, image_size=image_size, checkpoint=checkpoint)
+                    layer=layer, input_size=preprocess.size, image_size=image_size, precision=precision,
+                    checkpoint=checkpoint)
 
 
 class _Captured(Exception):
@@ -111,18 +116,21 @@ def _pool(output: Tensor) -> Tensor:
 
 
 def extract_features(model: nn.Module, images: Tensor, *, preprocess: Preprocessor, layer: str | None = None,
-                     batch_size: int = FEATURE_BATCH_SIZE) -> Tensor:
+                     batch_size: int = FEATURE_BATCH_SIZE, precision: str = "fp32") -> Tensor:
     """Features (N, D) float32 on CPU of uint8 images (N, 3, H, W), the model in eval mode.
 
     The model and preprocess stay where they are (their device is used); the model's
     train/eval mode is restored afterwards. Batches enter the network in channels_last
     layout, which oneDNN's CPU convolutions run 1.6-1.9x faster than NCHW (the fast-cpu net
     on 2 cores); the features differ from NCHW ones only by float32 rounding (~1e-9), and
-    every caller gets the same layout.
+    every caller gets the same layout. precision "bf16" runs the network under bf16 autocast:
+    on a CPU with native bf16 the fast-cpu net with mirror TTA made all 60,000 CIFAR-10 features
+    in 21 s instead of 43 s, and LDA / QDA-shrink on them scored within 0.1 point of fp32.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise DataError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
     device = next(model.parameters()).device
+    autocast = autocast_for(device, precision)
     target = _find_layer(model, layer) if layer else None
     was_training = model.training
     model.eval()
@@ -132,14 +140,15 @@ def extract_features(model: nn.Module, images: Tensor, *, preprocess: Preprocess
         with torch.inference_mode():
             for chunk in images.split(batch_size):
                 x = preprocess(chunk.to(device).float().div_(255)).contiguous(memory_format=torch.channels_last)
-                if target is None:
-                    out = model.forward_features(x)
-                else:
-                    try:
-                        model(x)
-                        raise ConfigError(f"layer {layer!r} was not called in the forward pass")
-                    except _Captured as captured:
-                        out = captured.output
+                with autocast():
+                    if target is None:
+                        out = model.forward_features(x)
+                    else:
+                        try:
+                            model(x)
+                            raise ConfigError(f"layer {layer!r} was not called in the forward pass")
+                        except _Captured as captured:
+                            out = captured.output
                 features.append(_pool(out).float().cpu())
     finally:
         model.train(was_training)

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from cifarlab.config import RunConfig, merge
+from cifarlab.config import PRECISIONS, RunConfig, merge
 from cifarlab.continual.classifiers import METHODS, MethodOptions, fit
 from cifarlab.continual.features import FEATURE_BATCH_SIZE, describe_backbone, extract_features
 from cifarlab.continual.metrics import auroc, average_incremental_accuracy, forgetting, seen_accuracy
@@ -54,7 +54,10 @@ class ProtocolOptions:
     index order); group_size: classes per increment; layer: where features are read (see
     features.extract_features; inputs are resized to the base run's own data.input_size, as in its
     training); finetune_epochs: epochs per increment of the `finetune` baseline (0: skip);
-    joint: also train the `joint` upper bound; data: dataset path (default: the base run's).
+    joint: also train the `joint` upper bound; data: dataset path (default: the base run's);
+    precision: "fp32", "bf16" or "auto" for the backbone's forward passes (default: the base run's
+    train.precision, resolved for the device as in training); the state records it, so that
+    `continual add` computes its features alike.
     """
 
     order: tuple[int, ...] | None = None
@@ -66,6 +69,7 @@ class ProtocolOptions:
     joint: bool = False
     data: str | None = None
     device: str = "auto"
+    precision: str | None = None
     batch_size: int = FEATURE_BATCH_SIZE
     out: str | None = None  # default: <base run>/continual
     progress: bool = True
@@ -74,6 +78,8 @@ class ProtocolOptions:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ConfigError(f"unknown continual method(s) {unknown or '(none given)'}; valid: {', '.join(METHODS)}")
+        if self.precision not in (None, *PRECISIONS):
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name, low in (("group_size", 1), ("finetune_epochs", 0), ("batch_size", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -152,10 +158,12 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
     say = print if options.progress else (lambda *_: None)
     num_classes = len(dataset.classes)
     image_size = dataset.train.images.shape[-1]
-    backbone = describe_backbone(model, preprocess, layer=options.layer, image_size=image_size,
+    precision = engine.resolve_precision(device, options.precision or config.train.precision)
+    backbone = describe_backbone(model, preprocess, layer=options.layer, image_size=image_size, precision=precision,
                                  checkpoint=str(checkpoint.resolve()))
-    extract = partial(extract_features, preprocess=preprocess, layer=options.layer, batch_size=options.batch_size)
-    logits_of = partial(_logits, preprocess=preprocess, batch_size=options.batch_size)
+    extract = partial(extract_features, preprocess=preprocess, layer=options.layer, batch_size=options.batch_size,
+                      precision=precision)
+    logits_of = partial(_logits, preprocess=preprocess, batch_size=options.batch_size, precision=precision)
 
     start = time.perf_counter()
     test_features, targets = extract(model, dataset.test.images), dataset.test.labels
@@ -192,7 +200,7 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
     if options.joint:
         joint, joint_preprocess = _train_joint(config, learned, names=[dataset.classes[c] for c in learned],
                                                data=options.data, out=out / "joint", device=device)
-        joint_logits = _logits(joint, dataset.test.images, preprocess=joint_preprocess, batch_size=options.batch_size)
+        joint_logits = logits_of(joint, dataset.test.images, preprocess=joint_preprocess)
         log["joint"] = [None] * (len(steps) - 1) + [_head_metrics(joint_logits, ids, targets, seen[-1])]
 
     state_path = save_state(out / "state.pt", state)
@@ -259,9 +267,10 @@ def _base_classes(config: RunConfig, dataset: Dataset, base_names: Sequence[str]
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, images: Tensor, *, preprocess: Preprocessor, batch_size: int) -> Tensor:
+def _logits(model: nn.Module, images: Tensor, *, preprocess: Preprocessor, batch_size: int,
+            precision: str = "fp32") -> Tensor:
     """The model's own head on its penultimate features: (N, outputs) on CPU."""
-    features = extract_features(model, images, preprocess=preprocess, batch_size=batch_size)
+    features = extract_features(model, images, preprocess=preprocess, batch_size=batch_size, precision=precision)
     head = model.get_classifier()
     return head(features.to(head.weight.device)).float().cpu()
 

@@ -101,8 +101,8 @@ def add_class_from_folder(state_path: str | Path, class_name: str, images_dir: s
                           checkpoint: str | Path | None = None, device: str = "auto",
                           batch_size: int = FEATURE_BATCH_SIZE) -> ContinualState:
     """Learn `class_name` from every image in `images_dir` with the state's own backbone
-    (rebuilt from `checkpoint`, default the one recorded in the state) and replace the state
-    file; on any error the file is left as it was."""
+    (rebuilt from `checkpoint`, default the one recorded in the state, and run at the state's
+    precision) and replace the state file; on any error the file is left as it was."""
     state = load_state(state_path)
     if class_name in state.classes:  # checked before the expensive part; add_class checks again
         raise ConfigError(f"class {class_name!r} is already learned in {state_path} "
@@ -119,10 +119,11 @@ def add_class_from_folder(state_path: str | Path, class_name: str, images_dir: s
     model, preprocess, _, _ = load_model(source, device=resolve_device(device))
     saved = state.backbone
     backbone = describe_backbone(model, preprocess, layer=saved.layer, image_size=saved.image_size,
-                                 checkpoint=str(source))
+                                 precision=saved.precision, checkpoint=str(source))
     check_same_backbone(saved, backbone)
     images = torch.from_numpy(read_images(files, size=(saved.image_size, saved.image_size)))  # (N, 3, H, W) uint8
-    features = extract_features(model, images, preprocess=preprocess, layer=saved.layer, batch_size=batch_size)
+    features = extract_features(model, images, preprocess=preprocess, layer=saved.layer, batch_size=batch_size,
+                                precision=saved.precision)
     new_state = state.add_class(class_name, features.split(batch_size), backbone=backbone)
     save_state(state_path, new_state)
     return new_state

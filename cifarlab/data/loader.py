@@ -71,7 +71,10 @@ class BatchLoader:
 
     def transform(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float, augmented (`views` times per image), normalised and resized to the
-        preprocessor's input size."""
+        preprocessor's input size. Float inputs are a model's precomputed frozen prefix (see
+        train.run.precompute_frozen_prefix), final already."""
+        if images.is_floating_point():
+            return images.repeat_interleave(self.views, dim=0) if self.views > 1 else images
         x = images.float().div_(255)
         if self.views > 1:
             x = x.repeat_interleave(self.views, dim=0)

@@ -46,15 +46,20 @@ _IMAGES_PER_TASK = 500
 
 @dataclass(frozen=True)
 class Split:
-    """One split: `images` (N, 3, H, W) uint8, `labels` (N,) int64 (on CPU from load_dataset; callers may move it)."""
+    """One split: `images` (N, 3, H, W) uint8, `labels` (N,) int64 (on CPU from load_dataset; callers may move it).
+
+    `images` may instead be float (N, C, H, W): a model's frozen prefix of the images, computed once
+    (train.run.precompute_frozen_prefix).
+    """
 
     images: Tensor
     labels: Tensor
 
     def __post_init__(self) -> None:
         images, labels = self.images, self.labels
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"Split.images must be a uint8 tensor (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if images.ndim != 4 or not (images.dtype == torch.uint8 and images.shape[1] == 3 or images.is_floating_point()):
+            raise ValueError(f"Split.images must be a uint8 tensor (N, 3, H, W) or precomputed float inputs "
+                             f"(N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.dtype != torch.int64 or labels.shape != (len(images),):
             raise ValueError(f"Split.labels must be an int64 tensor ({len(images)},), got {labels.dtype} {tuple(labels.shape)}")
 

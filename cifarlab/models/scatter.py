@@ -226,9 +226,17 @@ class ScatterNet(CifarModel):
             features = 64 * (side // 2) ** 2
         self.fc = nn.Linear(features, num_classes)
 
+    @torch.no_grad()
+    def frozen_prefix(self, x: Tensor) -> Tensor:
+        """Images (B, 3, H, W) -> normalised scattering (B, 243, H/4, W/4): everything before the trained layers,
+        a fixed function of each image alone, so a run without augmentation computes it once per image
+        (train.run.precompute_frozen_prefix) instead of once per epoch."""
+        return self.norm(self.scattering((x - self.mean) / self.std))
+
     def forward_features(self, x: Tensor) -> Tensor:
-        s = self.scattering((x - self.mean) / self.std)  # (B, 243, H/4, W/4)
-        return self.body(self.norm(s)).flatten(1)
+        """Images (B, 3, H, W), or their `frozen_prefix` (B, 243, H/4, W/4), told apart by the channel count."""
+        s = x if x.shape[1] == self.norm.num_channels else self.frozen_prefix(x)
+        return self.body(s).flatten(1)
 
 
 @register_model

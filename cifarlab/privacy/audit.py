@@ -67,7 +67,7 @@ def loss_threshold_audit(model: nn.Module, members: tuple[Tensor, Tensor], nonme
 
 
 def audit_checkpoint(checkpoint: str | Path, *, data_path: str | None = None, count: int = 5000, seed: int = 0,
-                     device: str = "cpu") -> dict[str, Any]:
+                     device: str = "auto") -> dict[str, Any]:
     """Audit a run's checkpoint: `count` of its own training images (members) vs `count` test images.
 
     The members are drawn from exactly the training split the run used (its subset and validation hold-out,
@@ -75,12 +75,14 @@ def audit_checkpoint(checkpoint: str | Path, *, data_path: str | None = None, co
     """
     from cifarlab.data.loader import prepare_data
     from cifarlab.train.checkpoint import load_model
+    from cifarlab.train.engine import resolve_device
 
     if count < 1:
         raise ConfigError(f"count must be >= 1, got {count}")
-    model, preprocess, _, config = load_model(checkpoint, device=device)
+    torch_device = resolve_device(device)  # "auto": CUDA when there is one
+    model, preprocess, _, config = load_model(checkpoint, device=torch_device)
     data_config = config.data if data_path is None else type(config.data)(**{**asdict(config.data), "path": data_path})
-    data = prepare_data(data_config, device=torch.device(device), seed=config.train.seed, batch_size=1,
+    data = prepare_data(data_config, device=torch_device, seed=config.train.seed, batch_size=1,
                         eval_batch_size=1, progress=False)
     generator = torch.Generator().manual_seed(seed)
 

@@ -24,7 +24,7 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -103,10 +103,12 @@ def train_once(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def time_to_accuracy(config: RunConfig, *, thresholds: Sequence[float], seeds: Sequence[int]) -> list[dict[str, Any]]:
+def time_to_accuracy(config: RunConfig, *, thresholds: Sequence[float], seeds: Sequence[int],
+                     on_run: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train `config` once per seed; one row per threshold with the time to reach it over the seeds (mean/min/max).
 
     seconds_* and epoch_mean are over the seeds that reached the threshold (`reached` says how many; None if none).
+    `on_run(seed, run)` sees each seed's `train_once` result as soon as it is done (runs take minutes).
     """
     if not thresholds or not seeds:
         raise ConfigError("bench needs at least one threshold and one seed")
@@ -116,6 +118,8 @@ def time_to_accuracy(config: RunConfig, *, thresholds: Sequence[float], seeds: S
     for seed in seeds:
         seeded = RunConfig.from_dict(merge(config.to_dict(), {"train": {"seed": seed}}), source="bench")
         runs.append(train_once(seeded))
+        if on_run is not None:
+            on_run(seed, runs[-1])
     final = [run["test_acc"][-1] for run in runs]
     rows = []
     for threshold in thresholds:

@@ -87,14 +87,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """"auto" -> "bf16" on CUDA (no loss scaling needed, unlike fp16), "fp32" elsewhere; other values as given."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+
+
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast on CUDA by default (no loss scaling needed, unlike fp16); fp32 elsewhere unless asked.
+    """bf16 autocast where `resolve_precision` says so, else nothing.
 
     On CPUs with AVX-512 (BF16) or AMX, oneDNN runs bf16 convolutions about 1.4x faster than fp32 (the fast-cpu
     recipes ask for it); elsewhere bf16 is emulated and slower, which deserves a warning rather than a silent slow run.
     """
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if resolve_precision(device, precision) == "fp32":
         return contextlib.nullcontext
     if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         warnings.warn("precision bf16 on a CPU without native bf16 support (AVX-512 or AMX) is emulated and slower "

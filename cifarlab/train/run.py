@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from cifarlab.config import RunConfig
-from cifarlab.data.loader import TrainData, prepare_data
+from cifarlab.data.loader import BatchLoader, TrainData, prepare_data
+from cifarlab.data.sources import Split
 from cifarlab.errors import CifarlabError
 from cifarlab.io import write_json, write_yaml
 from cifarlab.models import create_model
@@ -37,6 +39,40 @@ def init_model_from_data(model: torch.nn.Module, data: TrainData, *, count: int 
     if hasattr(model, "init_from_data"):
         images = data.train.images[:: max(1, data.train.num_examples // count)][:count]
         model.init_from_data(data.preprocess(images.float().div(255)))
+
+
+def precompute_frozen_prefix(model: torch.nn.Module, data: TrainData, *, progress: bool = True) -> TrainData | None:
+    """The data with every split's images replaced by `model.frozen_prefix(images)`, or None where that would change
+    the run: the model has no frozen prefix, or training augments (then each epoch sees other inputs).
+
+    A frozen prefix is a fixed function of each image alone (the scattering transform of `scatter_*`): computing it
+    once instead of every epoch gives the same batches, and DP-SGD the same guarantee, since the prefix looks at
+    one image at a time and at no statistic of the data.
+    """
+    train = data.train
+    augments = train.views > 1 or (train.augment is not None and not train.augment.is_identity)
+    if not hasattr(model, "frozen_prefix") or augments:
+        return None
+    model.to(train.images.device)
+
+    def precomputed(loader: BatchLoader, name: str) -> BatchLoader:
+        inputs, start = None, 0
+        for chunk in tqdm(loader.images.split(PREFIX_CHUNK), desc=f"frozen prefix, {name}", unit="batch",
+                          disable=not progress):
+            out = model.frozen_prefix(loader.transform(chunk))
+            if inputs is None:  # filled in place: no second copy, as torch.cat of the chunks would make
+                inputs = out.new_empty((loader.num_examples, *out.shape[1:]))
+            inputs[start:start + len(chunk)] = out
+            start += len(chunk)
+        return BatchLoader(Split(inputs, loader.labels), batch_size=loader.batch_size, preprocess=loader.preprocess,
+                           augment=loader.augment, sampling=loader.sampling, views=loader.views,
+                           drop_last=loader.drop_last)
+
+    evals = {name: precomputed(loader, name) for name, loader in data.evals.items()}
+    return dataclasses.replace(data, train=precomputed(train, "train"), evals=evals)
+
+
+PREFIX_CHUNK = 1000  # images per frozen-prefix batch: the scattering of 1,000 images needs ~0.5 GB of work memory
 
 
 def run_training(config: RunConfig, *, resume: str | Path | None = None) -> FitResult:
@@ -64,6 +100,10 @@ def run_training(config: RunConfig, *, resume: str | Path | None = None) -> FitR
         progress=config.train.progress,
     )
     model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
+    start = time.perf_counter()
+    precomputed = precompute_frozen_prefix(model, data, progress=config.train.progress)
+    prefix_seconds = time.perf_counter() - start if precomputed is not None else None
+    data = precomputed or data
     private = None
     if config.dp.enabled:  # before any data-dependent init: prepare_model refuses models that have one
         model, data, private = _make_private(model, data, config)
@@ -85,6 +125,8 @@ def run_training(config: RunConfig, *, resume: str | Path | None = None) -> FitR
     best = read_checkpoint(run_dir / "best.pt")
     result.model.load_state_dict(best["model_state"])
     result.summary = summarize(result, data=data, config=config, device=device, best_epoch=best["epoch"] + 1)
+    if prefix_seconds is not None:
+        result.summary["frozen_prefix_seconds"] = prefix_seconds  # once, before training (not in train_seconds)
     if private is not None:
         result.summary["privacy"] = private.summary()
         result.summary.update({key: result.summary["privacy"][key] for key in PRIVACY_SUMMARY_KEYS})
