@@ -388,8 +388,10 @@ def test_split_validates_and_subsets() -> None:
     split = Split(images, torch.tensor([0, 1, 2, 1, 0]))
     sub = split.subset(torch.tensor([4, 1]))
     assert torch.equal(sub.images, images[[4, 1]]) and sub.labels.tolist() == [0, 1] and len(split) == 5
-    with pytest.raises(ValueError, match="uint8"):
-        Split(images.float(), split.labels)
+    for bad in (images.to(torch.int16), images[:, :1], images[0]):
+        with pytest.raises(ValueError, match="uint8"):
+            Split(bad, split.labels[:len(bad)])
+    assert Split(images[:, :1].float(), split.labels).images.shape == (5, 1, 2, 2)  # a precomputed frozen prefix
     with pytest.raises(ValueError, match=r"int64 tensor \(5,\)"):
         Split(images, split.labels[:4])
 
