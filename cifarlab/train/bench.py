@@ -35,7 +35,7 @@ from cifarlab.io import write_text
 from cifarlab.models import create_model
 from cifarlab.report.run_report import format_table
 from cifarlab.train.engine import fit, resolve_device
-from cifarlab.train.run import init_model_from_data
+from cifarlab.train.run import init_model_from_data, precompute_frozen_prefix
 
 COLUMNS = (
     "recipe", "model", "model_args", "threshold", "seeds", "reached", "seconds_mean", "seconds_min", "seconds_max",
@@ -84,11 +84,12 @@ def train_once(config: RunConfig) -> dict[str, Any]:
     torch.manual_seed(config.train.seed)
     data = prepare_data(config.data, device=device, seed=config.train.seed, batch_size=config.train.batch_size,
                         eval_batch_size=config.train.eval_batch_size, progress=config.train.progress)
-    test = TimedLoader(data.evals["test"])
-    data = replace(data, evals={**data.evals, "test": test})
     start = time.perf_counter()
     model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
+    data = precompute_frozen_prefix(model, data, progress=config.train.progress) or data  # as `cifarlab train`
     init_model_from_data(model, data)
+    test = TimedLoader(data.evals["test"])
+    data = replace(data, evals={**data.evals, "test": test})
     setup_seconds = time.perf_counter() - start
     result = fit(model, data=data, config=config)
     return {
