@@ -176,6 +176,30 @@ def test_crossing_times_training_up_to_the_epoch_plus_its_evaluation():
     assert crossing(acc, epoch_seconds=epochs, eval_seconds=evals, setup_seconds=0.5, threshold=0.95) is None
 
 
+def test_crossing_skips_epochs_that_were_not_evaluated():
+    acc, epochs, evals = [None, None, 0.86, 0.91], [10.0, 11.0, 12.0, 13.0], [None, None, 3.0, 4.0]
+    assert crossing(acc, epoch_seconds=epochs, eval_seconds=evals, setup_seconds=0.5, threshold=0.5) == (3, 36.5)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_bench_trains_privately_with_dp_and_can_skip_early_evaluations(small_cifar):
+    config = RunConfig.from_dict({
+        "data": {"path": str(small_cifar), "preprocess": "none", "crop_padding": 0, "flip": False},
+        "model": {"name": "scatter_linear"},
+        "optim": {"optimizer": "sgd", "lr": 2.0, "momentum": 0.9, "schedule": "constant"},
+        "train": {"epochs": 2, "batch_size": 250, "device": "cpu", "progress": False},
+        "dp": {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 0.1, "delta": 1e-4},
+    })
+    runs = []
+    (row,) = time_to_accuracy(config, thresholds=[0.0], seeds=[0], eval_from=2,
+                              on_run=lambda seed, run: runs.append(run))
+    assert runs[0]["test_acc"][0] is None and runs[0]["eval_seconds"][0] is None and runs[0]["test_acc"][1] > 0
+    assert row["epoch_mean"] == 2 and row["eval_from"] == 2
+    assert 0 < row["epsilon"] < 10  # spent by 2 epochs at q = 0.25, sigma = 1
+    with pytest.raises(ConfigError, match="eval-from must be an epoch in 1..2"):
+        time_to_accuracy(config, thresholds=[0.5], seeds=[0], eval_from=3)
+
+
 def test_bench_rows_table_and_csv_on_real_images(small_cifar, tmp_path):
     config = RunConfig.from_dict({
         "recipe": "tiny",
@@ -193,7 +217,7 @@ def test_bench_rows_table_and_csv_on_real_images(small_cifar, tmp_path):
     assert 0 < reached["seconds_min"] <= reached["seconds_mean"] <= reached["seconds_max"]
     assert never["reached"] == 0 and never["seconds_mean"] is None
     assert 0 <= reached["final_acc_min"] <= reached["final_acc_mean"] <= reached["final_acc_max"] <= 1
-    assert reached["images_per_second"] > 0 and reached["peak_memory_mb"] > 0
+    assert reached["images_per_second"] > 0 and reached["peak_memory_mb"] > 0 and reached["epsilon"] is None
     table = format_rows(rows)
     assert "tiny" in table and "2/2" in table and "0/2" in table
     path = tmp_path / "bench.csv"

@@ -57,6 +57,13 @@ def train(run_dir=None, **kwargs):
     return fit(model, data=synthetic_data(), config=config(), run_dir=run_dir, **kwargs)
 
 
+def test_eval_from_skips_the_early_evaluations_but_not_in_a_run_folder(tmp_path):
+    history = train(eval_from=3).history
+    assert [row["test_acc"] is None for row in history] == [True, True, False]
+    with pytest.raises(ValueError, match="eval_from > 1"):
+        train(tmp_path, eval_from=2)
+
+
 def test_learns_the_toy_task_and_writes_the_run_folder(tmp_path):
     result = train(tmp_path)
     assert result.history[-1]["test_acc"] > 0.8

@@ -10,6 +10,8 @@ threshold is the wall time of a run that stops at the first epoch whose test acc
     + the one evaluation of epoch e, needed to know the threshold was reached.
 
 Evaluations of earlier epochs are excluded (such a run would not need them), and so is loading the dataset.
+`eval_from` skips the evaluations before that epoch (wall time, for long schedules): a threshold first met
+earlier is then reported at `eval_from` or later, an upper bound on the time.
 As in DAWNBench, "reached at epoch e" is read from a run scheduled for all its epochs (whose learning rate has
 not yet decayed at e < last epoch). Peak memory: torch.cuda.max_memory_allocated on CUDA (reset
 per seed); on CPU the process's peak resident set size (getrusage), which includes the dataset and every
@@ -32,15 +34,14 @@ from cifarlab.config import RunConfig, merge
 from cifarlab.data.loader import BatchLoader, prepare_data
 from cifarlab.errors import ConfigError
 from cifarlab.io import write_text
-from cifarlab.models import create_model
 from cifarlab.report.run_report import format_table
 from cifarlab.train.engine import fit, resolve_device
-from cifarlab.train.run import init_model_from_data, precompute_frozen_prefix
+from cifarlab.train.run import build_model, private_fit_args
 
 COLUMNS = (
-    "recipe", "model", "model_args", "threshold", "seeds", "reached", "seconds_mean", "seconds_min", "seconds_max",
+    "recipe", "model", "model_args", "threshold", "eval_from", "seeds", "reached", "seconds_mean", "seconds_min", "seconds_max",
     "epoch_mean", "final_acc_mean", "final_acc_min", "final_acc_max", "images_per_second", "peak_memory_mb", "device",
-    "epochs", "batch_size", "data_source", "torch", "date",
+    "epsilon", "epochs", "batch_size", "data_source", "torch", "date",
 )  # fmt: skip
 
 
@@ -59,11 +60,12 @@ class TimedLoader(BatchLoader):
         self.seconds.append(time.perf_counter() - start)
 
 
-def crossing(test_acc: Sequence[float], *, epoch_seconds: Sequence[float], eval_seconds: Sequence[float],
-             setup_seconds: float, threshold: float) -> tuple[int, float] | None:
-    """(epoch, seconds) of the first epoch (1-based) with test accuracy >= threshold, timed as the module says."""
+def crossing(test_acc: Sequence[float | None], *, epoch_seconds: Sequence[float],
+             eval_seconds: Sequence[float | None], setup_seconds: float, threshold: float) -> tuple[int, float] | None:
+    """(epoch, seconds) of the first epoch (1-based) with test accuracy >= threshold, timed as the module says;
+    epochs that were not evaluated have accuracy None."""
     for epoch, accuracy in enumerate(test_acc, start=1):
-        if accuracy >= threshold:
+        if accuracy is not None and accuracy >= threshold:
             return epoch, setup_seconds + sum(epoch_seconds[:epoch]) + eval_seconds[epoch - 1]
     return None
 
@@ -76,8 +78,9 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_once(config: RunConfig) -> dict[str, Any]:
-    """One run without a run folder: per-epoch test accuracy and timings, images/s, peak memory."""
+def train_once(config: RunConfig, *, eval_from: int = 1) -> dict[str, Any]:
+    """One run without a run folder: per-epoch test accuracy (None before `eval_from`) and timings, images/s,
+    peak memory."""
     device = resolve_device(config.train.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -85,26 +88,26 @@ def train_once(config: RunConfig) -> dict[str, Any]:
     data = prepare_data(config.data, device=device, seed=config.train.seed, batch_size=config.train.batch_size,
                         eval_batch_size=config.train.eval_batch_size, progress=config.train.progress)
     start = time.perf_counter()
-    model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
-    data = precompute_frozen_prefix(model, data, progress=config.train.progress) or data  # as `cifarlab train`
-    init_model_from_data(model, data)
+    model, data, private, _ = build_model(config, data)  # as `cifarlab train`, --dp included
     test = TimedLoader(data.evals["test"])
     data = replace(data, evals={**data.evals, "test": test})
     setup_seconds = time.perf_counter() - start
-    result = fit(model, data=data, config=config)
+    result = fit(model, data=data, config=config, eval_from=eval_from, **private_fit_args(private))
+    skipped = min(eval_from, config.train.epochs + 1) - 1
     return {
         "test_acc": [row["test_acc"] for row in result.history],
         "epoch_seconds": [row["epoch_seconds"] for row in result.history],
-        "eval_seconds": test.seconds,
+        "eval_seconds": [None] * skipped + test.seconds,
         "setup_seconds": setup_seconds,
         "images_per_second": result.summary["images_per_second"],
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "data_source": data.source,
+        "epsilon": private.summary()["epsilon"] if private is not None else None,
     }
 
 
-def time_to_accuracy(config: RunConfig, *, thresholds: Sequence[float], seeds: Sequence[int],
+def time_to_accuracy(config: RunConfig, *, thresholds: Sequence[float], seeds: Sequence[int], eval_from: int = 1,
                      on_run: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train `config` once per seed; one row per threshold with the time to reach it over the seeds (mean/min/max).
 
@@ -115,10 +118,13 @@ def time_to_accuracy(config: RunConfig, *, thresholds: Sequence[float], seeds: S
         raise ConfigError("bench needs at least one threshold and one seed")
     if any(not 0 <= t <= 1 for t in thresholds):
         raise ConfigError(f"accuracy thresholds are fractions in [0, 1], e.g. 0.94; got {list(thresholds)}")
+    if not 1 <= eval_from <= config.train.epochs:
+        raise ConfigError(f"bench: eval-from must be an epoch in 1..{config.train.epochs} (the recipe's epochs), "
+                          f"got {eval_from}")
     runs = []
     for seed in seeds:
         seeded = RunConfig.from_dict(merge(config.to_dict(), {"train": {"seed": seed}}), source="bench")
-        runs.append(train_once(seeded))
+        runs.append(train_once(seeded, eval_from=eval_from))
         if on_run is not None:
             on_run(seed, runs[-1])
     final = [run["test_acc"][-1] for run in runs]
@@ -133,6 +139,7 @@ def time_to_accuracy(config: RunConfig, *, thresholds: Sequence[float], seeds: S
             "model": config.model.name,
             "model_args": json.dumps(config.model.args, sort_keys=True),
             "threshold": threshold,
+            "eval_from": eval_from,
             "seeds": " ".join(map(str, seeds)),
             "reached": len(hits),
             "seconds_mean": statistics.fmean(seconds) if hits else None,
@@ -145,6 +152,7 @@ def time_to_accuracy(config: RunConfig, *, thresholds: Sequence[float], seeds: S
             "images_per_second": statistics.fmean(run["images_per_second"] for run in runs),
             "peak_memory_mb": max(run["peak_memory_mb"] for run in runs),
             "device": runs[0]["device"],
+            "epsilon": runs[0]["epsilon"],  # the same for every seed: it depends on the schedule alone
             "epochs": config.train.epochs,
             "batch_size": config.train.batch_size,
             "data_source": runs[0]["data_source"],

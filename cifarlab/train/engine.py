@@ -161,13 +161,19 @@ def fit(
     resume: dict[str, Any] | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
     eval_model: nn.Module | None = None,
+    eval_from: int = 1,
 ) -> FitResult:
     """Train and evaluate; `resume` is a checkpoint payload (see checkpoint.read_checkpoint) to continue from.
+
+    `eval_from` > 1 skips the evaluations of the epochs before it (their rows have no eval metrics): for benchmarks
+    of long schedules whose early epochs cannot reach the threshold; a run folder needs every epoch's metrics.
 
     `eval_model` (e.g. an EMA copy of the weights) is what gets evaluated and saved as best.pt, when given;
     last.pt always holds the trained weights, so a resumed run continues from them.
     """
     train_cfg = config.train
+    if eval_from > 1 and run_dir is not None:
+        raise ValueError("fit: eval_from > 1 leaves epochs without metrics; it is for runs without a run folder")
     device = data.train.labels.device
     channels_last = train_cfg.channels_last if train_cfg.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -247,7 +253,7 @@ def fit(
             epoch_seconds=epoch_seconds,
             images_per_second=seen / epoch_seconds,
         )
-        for name, loader in data.evals.items():
+        for name, loader in data.evals.items() if epoch + 1 >= eval_from else ():
             result = evaluate(eval_model or model, loader, autocast=autocast)
             row[f"{name}_loss"], row[f"{name}_acc"] = result.loss, result.accuracy
         if on_epoch_end is not None:
@@ -257,7 +263,7 @@ def fit(
             epoch=f"{epoch + 1}/{train_cfg.epochs}",
             loss=f"{train_loss:.3f}",
             acc=f"{row['train_acc']:.3f}",
-            **{name: f"{row[f'{name}_acc']:.3f}" for name in data.evals},  # callers may leave test out
+            **{name: f"{row[f'{name}_acc']:.3f}" for name in data.evals if row.get(f"{name}_acc") is not None},
             img_s=f"{row['images_per_second']:.0f}",
         )
 

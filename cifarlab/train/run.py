@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +24,9 @@ from cifarlab.report.run_report import write_run_report
 from cifarlab.train import distributed
 from cifarlab.train.checkpoint import read_checkpoint
 from cifarlab.train.engine import FitResult, autocast_for, evaluate, fit, resolve_device
+
+if TYPE_CHECKING:  # the privacy package imports Opacus: only runs with --dp load it
+    from cifarlab.privacy.dpsgd import PrivateTraining
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -99,27 +102,12 @@ def run_training(config: RunConfig, *, resume: str | Path | None = None) -> FitR
         eval_batch_size=config.train.eval_batch_size,
         progress=config.train.progress,
     )
-    model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
-    start = time.perf_counter()
-    precomputed = precompute_frozen_prefix(model, data, progress=config.train.progress)
-    prefix_seconds = time.perf_counter() - start if precomputed is not None else None
-    data = precomputed or data
-    private = None
-    if config.dp.enabled:  # before any data-dependent init: prepare_model refuses models that have one
-        model, data, private = _make_private(model, data, config)
-    init_model_from_data(model, data)  # e.g. `fast` fits its patch-whitening layer (a resume then loads the saved one)
+    model, data, private, prefix_seconds = build_model(config, data)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(run_dir / "config.yaml", config.to_dict())
-
-    if private is None:
-        result = fit(model, data=data, config=config, run_dir=run_dir if main else None, resume=payload)
-    else:
-        result = fit(
-            model, data=data, config=config, run_dir=run_dir, resume=payload, optimizer=private.optimizer,
-            train_step=private.train_step, on_epoch_end=private.on_epoch_end, extra_state={"privacy": private},
-            eval_model=private.ema.model if private.ema is not None else None,
-        )  # fmt: skip
+    result = fit(model, data=data, config=config, run_dir=run_dir if main else None, resume=payload,
+                 **private_fit_args(private))
     if not main:
         return result  # rank 0 alone evaluates the best checkpoint and writes the summary
     best = read_checkpoint(run_dir / "best.pt")
@@ -133,6 +121,34 @@ def run_training(config: RunConfig, *, resume: str | Path | None = None) -> FitR
     write_json(run_dir / "summary.json", result.summary)
     write_run_report(run_dir)
     return result
+
+
+def build_model(config: RunConfig,
+                data: TrainData) -> tuple[torch.nn.Module, TrainData, PrivateTraining | None, float | None]:
+    """(model, data, private, prefix_seconds): the model built on the loaded data, ready for `fit`.
+
+    Its frozen prefix is computed once (prefix_seconds: how long; None if it has none), with --dp it is made
+    private (private: the DP-SGD parts for `fit`, see `private_fit_args`; else None), and its data-dependent layers
+    are fitted (e.g. `fast`'s patch whitening; a resume then loads the saved one).
+    """
+    model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
+    start = time.perf_counter()
+    precomputed = precompute_frozen_prefix(model, data, progress=config.train.progress)
+    prefix_seconds = time.perf_counter() - start if precomputed is not None else None
+    data = precomputed or data
+    private = None
+    if config.dp.enabled:  # before any data-dependent init: prepare_model refuses models that have one
+        model, data, private = _make_private(model, data, config)
+    init_model_from_data(model, data)
+    return model, data, private, prefix_seconds
+
+
+def private_fit_args(private: PrivateTraining | None) -> dict[str, Any]:
+    """The arguments that make `fit` train with DP-SGD (none for a non-private run)."""
+    if private is None:
+        return {}
+    return dict(optimizer=private.optimizer, train_step=private.train_step, on_epoch_end=private.on_epoch_end,
+                extra_state={"privacy": private}, eval_model=private.ema.model if private.ema is not None else None)
 
 
 PRIVACY_SUMMARY_KEYS = ("epsilon", "delta", "noise_multiplier", "sampling_rate", "steps", "poisson")
