@@ -60,6 +60,7 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--augmult", "dp.augmult", int, "DP: augmented views per example (De et al. 2022)"),
     ("--ema", "dp.ema", float, "DP: parameter EMA decay used for evaluation"),
     ("--physical-batch-size", "dp.physical_batch_size", int, "DP: micro-batch size bound"),
+    ("--data-norm-noise", "dp.data_norm_noise", float, "DP: noise multiplier of the data-normalisation release"),
 ]
 _SWITCH_FLAGS: list[tuple[str, str, str]] = [
     ("--flip", "data.flip", "random horizontal flips"),

@@ -135,6 +135,10 @@ class DPConfig:
     augmult: int = 1  # augmented views per example, averaged before clipping (De et al. 2022)
     ema: float | None = None  # parameter EMA decay for evaluation
     physical_batch_size: int | None = None  # micro-batch bound for large logical batches
+    # Models with data normalisation: the noise multiplier of its one private release and the L2 bound on each
+    # example's moments; the defaults are cifarlab.privacy.datanorm's (not imported here: it loads Opacus).
+    data_norm_noise: float = 8.0
+    data_norm_clip: float = 30.0
 
     def validate(self) -> None:
         if not self.enabled:
@@ -154,6 +158,8 @@ class DPConfig:
             raise ConfigError(f"dp.ema must be in (0, 1), got {self.ema}")
         if self.physical_batch_size is not None:
             _at_least("dp.physical_batch_size", self.physical_batch_size, 1)
+        _positive("dp.data_norm_noise", self.data_norm_noise)
+        _positive("dp.data_norm_clip", self.data_norm_clip)
 
 
 @dataclass

@@ -24,6 +24,12 @@ mean and std, public constants):
 - `scatter_cnn`: scattering -> GroupNorm -> conv3x3 64 -> tanh -> maxpool 2 -> conv3x3 64 -> tanh -> linear
   (187,210 parameters).
 GroupNorm normalises each example on its own, so unlike a normalisation with dataset statistics it costs no privacy.
+`data_norm=True` adds, after it, data normalisation (`DataNorm`, T&B's other normalisation, there used instead of
+GroupNorm): every channel is standardised with its mean and variance over the training set, fitted once before
+training; DP runs fit them with a Gaussian mechanism whose cost the accountant adds (cifarlab.privacy.datanorm),
+other runs exactly. It comes after GroupNorm, not instead of it, because the raw scattering channels differ in
+scale by up to 1,000x (variances 1e-5 to 4e-3 on the JPEG copy): noise large enough to hide one example would
+swamp the small channels' statistics, while after GroupNorm every channel is of order 1.
 """
 from __future__ import annotations
 
@@ -200,11 +206,54 @@ class Scattering2D(nn.Module):
 # --- models ------------------------------------------------------------------------------------------------------
 
 
-class ScatterNet(CifarModel):
-    """Fixed centring -> Scattering2D(J=2, L=8) -> GroupNorm without affine -> head -> fc."""
+DATA_NORM_EPS = 1e-5  # added to the variances, as BatchNorm does
 
-    def __init__(self, *, head: str, groups: int, image_size: int, num_classes: int) -> None:
+
+class DataNorm(nn.Module):
+    """Per-channel standardisation with statistics of the whole training set, fitted once and then fixed.
+
+    `moments(x)` gives each example's per-channel mean and mean square (its contribution to the statistics, which
+    DP bounds and noises); `set_moments` takes their average over the training set.
+    """
+
+    def __init__(self, channels: int) -> None:
         super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("var", torch.ones(channels))
+        self.register_buffer("fitted", torch.tensor(False))  # saved with the weights: a loaded model is fitted
+
+    @staticmethod
+    def moments(x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, 2C): per example, every channel's spatial mean, then every channel's mean square."""
+        return torch.cat([x.mean((2, 3)), x.square().mean((2, 3))], 1)
+
+    @torch.no_grad()
+    def set_moments(self, average: Tensor) -> None:
+        """Fit from the (2C,) average of `moments` over the training set (possibly noisy, so variances are clamped)."""
+        mean, mean_square = average.float().to(self.mean.device).chunk(2)
+        self.mean.copy_(mean)
+        self.var.copy_((mean_square - mean.square()).clamp_min(0))
+        self.fitted.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fitted:
+            raise RuntimeError("DataNorm used before its statistics were fitted: train the model with cifarlab "
+                               "(which fits them), or call set_moments")
+        return (x - self.mean[:, None, None]) * (self.var[:, None, None] + DATA_NORM_EPS).rsqrt()
+
+
+def unfitted_data_norm(model: nn.Module) -> bool:
+    """Whether `model` has DataNorm statistics still to fit."""
+    return any(isinstance(module, DataNorm) and not module.fitted for module in model.modules())
+
+
+class ScatterNet(CifarModel):
+    """Fixed centring -> Scattering2D(J=2, L=8) -> GroupNorm without affine (-> DataNorm) -> head -> fc."""
+
+    def __init__(self, *, head: str, groups: int, data_norm: bool, image_size: int, num_classes: int) -> None:
+        super().__init__()
+        if not isinstance(data_norm, bool):
+            raise ConfigError(f"scatter: data_norm must be true or false, got {data_norm!r}")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.scattering = Scattering2D(image_size, J=2, L=8)
@@ -213,7 +262,9 @@ class ScatterNet(CifarModel):
         if channels % groups:
             raise ConfigError(f"GroupNorm: groups={groups} must divide the {channels} scattering channels "
                               "(e.g. 9, 27 or 81; 27 keeps each group within one colour and one order)")
+        self.channels = channels
         self.norm = nn.GroupNorm(groups, channels, affine=False)
+        self.data_norm = DataNorm(channels) if data_norm else None  # fitted to the frozen prefix's outputs
         if head == "linear":
             self.body: nn.Module = nn.Identity()
             features = channels * side * side
@@ -228,24 +279,32 @@ class ScatterNet(CifarModel):
 
     @torch.no_grad()
     def frozen_prefix(self, x: Tensor) -> Tensor:
-        """Images (B, 3, H, W) -> normalised scattering (B, 243, H/4, W/4): everything before the trained layers,
-        a fixed function of each image alone, so a run without augmentation computes it once per image
+        """Images (B, 3, H, W) -> normalised scattering (B, 243, H/4, W/4): everything before the trained layers
+        that is a fixed function of each image alone, so a run without augmentation computes it once per image
         (train.run.precompute_frozen_prefix) instead of once per epoch."""
         return self.norm(self.scattering((x - self.mean) / self.std))
 
+    def prefix(self, x: Tensor) -> Tensor:
+        """Images (B, 3, H, W), or their `frozen_prefix` (B, 243, H/4, W/4), told apart by the channel count ->
+        the frozen prefix."""
+        return x if x.shape[1] == self.channels else self.frozen_prefix(x)
+
     def forward_features(self, x: Tensor) -> Tensor:
-        """Images (B, 3, H, W), or their `frozen_prefix` (B, 243, H/4, W/4), told apart by the channel count."""
-        s = x if x.shape[1] == self.norm.num_channels else self.frozen_prefix(x)
-        return self.body(s).flatten(1)
+        s = self.prefix(x)
+        return self.body(s if self.data_norm is None else self.data_norm(s)).flatten(1)
 
 
 @register_model
-def scatter_linear(*, num_classes: int = 10, groups: int = 27, image_size: int = 32) -> ScatterNet:
-    """ScatterNet (J=2, L=8, frozen) + GroupNorm + linear, Tramer & Boneh 2021 (155,530 params)."""
-    return ScatterNet(head="linear", groups=groups, image_size=image_size, num_classes=num_classes)
+def scatter_linear(*, num_classes: int = 10, groups: int = 27, data_norm: bool = False,
+                   image_size: int = 32) -> ScatterNet:
+    """ScatterNet (J=2, L=8, frozen) + GroupNorm (+ data norm) + linear, Tramer & Boneh 2021 (155,530 params)."""
+    return ScatterNet(head="linear", groups=groups, data_norm=data_norm, image_size=image_size,
+                      num_classes=num_classes)
 
 
 @register_model
-def scatter_cnn(*, num_classes: int = 10, groups: int = 27, image_size: int = 32) -> ScatterNet:
-    """ScatterNet (J=2, L=8, frozen) + GroupNorm + CNN 64-M-64 (tanh), Tramer & Boneh 2021 (187,210 params)."""
-    return ScatterNet(head="cnn", groups=groups, image_size=image_size, num_classes=num_classes)
+def scatter_cnn(*, num_classes: int = 10, groups: int = 27, data_norm: bool = False,
+                image_size: int = 32) -> ScatterNet:
+    """ScatterNet (J=2, L=8, frozen) + GroupNorm (+ data norm) + CNN 64-M-64 (tanh), Tramer & Boneh 2021
+    (187,210 params)."""
+    return ScatterNet(head="cnn", groups=groups, data_norm=data_norm, image_size=image_size, num_classes=num_classes)

@@ -6,6 +6,10 @@ Both accountants come from Opacus and analyse the Poisson-subsampled Gaussian me
 - "prv": numerical composition of privacy loss random variables (Gopi, Lee & Wutschitz 2021).
   Returns an upper bound within `eps_error` (0.01) of the exact epsilon.
 
+A run may release something once before training (DP data normalisation: one Gaussian mechanism over the whole
+training set, q = 1); such `prior` releases, in Opacus's history format (noise_multiplier, sample_rate, steps), are
+composed with the DP-SGD steps by the same accountant, and the noise solve for a target epsilon leaves room for them.
+
 Default "prv": it is the tighter of the two (e.g. q=4096/50000, sigma=3, 2500 steps,
 delta=1e-5: 6.59 vs 7.10 for RDP, which buys less noise for the same target) and its result
 is still a certified upper bound. Its one known instability is a discretisation failure
@@ -16,15 +20,18 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Sequence
 
+import numpy as np
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from cifarlab.errors import ConfigError
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"prv": PRVAccountant, "rdp": RDPAccountant}
 DEFAULT_ACCOUNTANT = "prv"
 DEFAULT_DELTA = 1e-5
+EPSILON_TOLERANCE = 0.01  # the noise solve stops within this much below the target, as Opacus's does
+Release = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps): one line of an Opacus accountant history
 
 
 def create_accountant(name: str = DEFAULT_ACCOUNTANT) -> IAccountant:
@@ -47,7 +54,8 @@ def accountant_epsilon(accountant: IAccountant, delta: float) -> float:
     if not accountant.history:
         return 0.0
     try:
-        return float(accountant.get_epsilon(delta=delta))
+        with np.errstate(divide="ignore"):  # PRV takes log(1 - q) = log(0) for a q = 1 release, harmlessly
+            return float(accountant.get_epsilon(delta=delta))
     except RuntimeError as err:  # PRV discretisation failure, see module docstring
         if not isinstance(accountant, PRVAccountant):
             raise
@@ -59,53 +67,73 @@ def accountant_epsilon(accountant: IAccountant, delta: float) -> float:
 
 
 def epsilon(*, sample_rate: float, noise_multiplier: float, steps: int, delta: float,
-            accountant: str = DEFAULT_ACCOUNTANT) -> float:
-    """Epsilon after `steps` DP-SGD steps with Poisson rate q and noise multiplier sigma."""
-    _check_mechanism(sample_rate=sample_rate, steps=steps)
-    if noise_multiplier <= 0:
-        raise ConfigError(f"noise_multiplier={noise_multiplier:g} must be > 0 (0 gives no privacy)")
+            accountant: str = DEFAULT_ACCOUNTANT, prior: Sequence[Release] = ()) -> float:
+    """Epsilon after the `prior` releases and `steps` DP-SGD steps with Poisson rate q and noise multiplier sigma."""
+    for release in [*prior, (noise_multiplier, sample_rate, steps)]:
+        _check_mechanism(*release)
     acc = create_accountant(accountant)
-    if steps > 0:
-        acc.history = [(noise_multiplier, sample_rate, steps)]
+    acc.history = [release for release in [*prior, (noise_multiplier, sample_rate, steps)] if release[2] > 0]
     return accountant_epsilon(acc, delta)
 
 
 def noise_for_target_epsilon(target_epsilon: float, *, delta: float, sample_rate: float, steps: int,
-                             accountant: str = DEFAULT_ACCOUNTANT) -> float:
-    """Smallest noise multiplier (to Opacus's 0.01-epsilon bisection) whose epsilon <= target."""
-    _check_mechanism(sample_rate=sample_rate, steps=steps)
+                             accountant: str = DEFAULT_ACCOUNTANT, prior: Sequence[Release] = ()) -> float:
+    """Smallest noise multiplier (to a 0.01-epsilon bisection) whose epsilon, with the `prior` releases, <= target."""
+    _check_mechanism(1.0, sample_rate, steps)
     if not 0 < target_epsilon < math.inf:
         raise ConfigError(f"target_epsilon={target_epsilon:g} must be a positive number")
     create_accountant(accountant)  # validates the name
     try:
-        sigma = _solve(target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
+        sigma = _solve(target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
+                       prior=prior)
     except RuntimeError as err:
         if accountant != "prv":
             raise
         warnings.warn(f"PRV accountant failed ({err}); solving for the noise with RDP instead",
                       stacklevel=2)
         accountant = "rdp"
-        sigma = _solve(target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
-    except ValueError as err:  # Opacus: "The privacy budget is too low."
-        raise ConfigError(f"target_epsilon={target_epsilon:g} is unreachable for q={sample_rate:g}, "
-                          f"{steps} steps, delta={delta:g} ({err})") from err
+        sigma = _solve(target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
+                       prior=prior)
+    except ValueError as err:
+        raise ConfigError(f"target_epsilon={target_epsilon:g} is unreachable for q={sample_rate:g}, {steps} steps, "
+                          f"delta={delta:g}{f' after the releases {list(prior)}' if prior else ''} ({err})") from err
     spent = epsilon(sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, delta=delta,
-                    accountant=accountant)
+                    accountant=accountant, prior=prior)
     if spent > target_epsilon:  # a guarantee, so checked even under python -O
         raise RuntimeError(f"noise solve ended above target: epsilon {spent} > {target_epsilon}")
     return float(sigma)
 
 
-def _solve(target_epsilon: float, *, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+def _solve(target_epsilon: float, *, delta: float, sample_rate: float, steps: int, accountant: str,
+           prior: Sequence[Release]) -> float:
+    """Bisection on sigma (epsilon falls as sigma grows) until target - EPSILON_TOLERANCE < epsilon <= target.
+
+    Written here rather than calling Opacus's get_noise_multiplier, which accounts for the DP-SGD steps alone."""
+    def spent(sigma: float) -> float:
+        return epsilon(sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, delta=delta,
+                       accountant=accountant, prior=prior)
+
     with warnings.catch_warnings():
         # The bisection tries very large noise levels whose best RDP order is the largest one; that notice
         # is irrelevant to the solution (the final epsilon is recomputed, and warns, outside this block).
         warnings.filterwarnings("ignore", message="Optimal order is the")
-        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                    steps=steps, accountant=accountant)
+        low, high = 0.0, 10.0
+        while (high_epsilon := spent(high)) > target_epsilon:
+            low, high = high, 2 * high
+            if high > 1e4:
+                raise ValueError("the budget is too low even with noise multiplier 10,000")
+        while high_epsilon < target_epsilon - EPSILON_TOLERANCE and high - low > 1e-6:
+            middle = (low + high) / 2
+            if (middle_epsilon := spent(middle)) > target_epsilon:
+                low = middle
+            else:
+                high, high_epsilon = middle, middle_epsilon
+        return high
 
 
-def _check_mechanism(*, sample_rate: float, steps: int) -> None:
+def _check_mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    if noise_multiplier <= 0:
+        raise ConfigError(f"noise_multiplier={noise_multiplier:g} must be > 0 (0 gives no privacy)")
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample_rate={sample_rate:g} must be in (0, 1] (expected batch / N)")
     if steps < 0:

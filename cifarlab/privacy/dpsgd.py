@@ -29,7 +29,8 @@ from torch import nn
 from cifarlab.data.loader import BatchLoader
 from cifarlab.data.sources import Split
 from cifarlab.errors import ConfigError
-from cifarlab.privacy import accounting
+from cifarlab.models.scatter import unfitted_data_norm
+from cifarlab.privacy import accounting, datanorm
 from cifarlab.privacy.clipping import CLIP_METHODS, check_fast_supported, clipped_grad_sum, trainable_parameters
 from cifarlab.train.engine import StepResult
 
@@ -139,6 +140,7 @@ class PrivateTraining:
     grad_sample_mode: str
     target_epsilon: float | None = None
     ema: ParamEMA | None = None
+    prior: tuple[accounting.Release, ...] = ()  # releases before training (data normalisation), in the accountant
     epsilon_history: list[float] = field(default_factory=list)
 
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
@@ -172,7 +174,8 @@ class PrivateTraining:
 
     @property
     def steps(self) -> int:
-        return sum(steps for _, _, steps in self.accountant.history)
+        """DP-SGD steps taken (the prior releases are not steps)."""
+        return sum(steps for _, _, steps in self.accountant.history) - sum(steps for _, _, steps in self.prior)
 
     def epsilon(self) -> float:
         return accounting.accountant_epsilon(self.accountant, self.delta)
@@ -203,6 +206,7 @@ class PrivateTraining:
             "augmult": self.augmult,
             "ema": self.ema.decay if self.ema is not None else None,
             "grad_sample_mode": self.grad_sample_mode,
+            "data_norm_noise": self.prior[0][0] if self.prior else None,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -224,10 +228,14 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
                  max_grad_norm: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  delta: float = accounting.DEFAULT_DELTA, accountant: str = accounting.DEFAULT_ACCOUNTANT,
                  poisson: bool = True, augmult: int = 1, physical_batch_size: int | None = None,
-                 ema: float | None = None, grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> PrivateTraining:
+                 ema: float | None = None, grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+                 data_norm_noise: float = datanorm.DEFAULT_NOISE,
+                 data_norm_clip: float = datanorm.DEFAULT_CLIP) -> PrivateTraining:
     """Wrap `optimizer` (built over `model`, itself from prepare_model) and re-sample `loader` for DP-SGD.
 
-    Give `noise_multiplier`, or `target_epsilon` to solve for it over `epochs` epochs. The inputs are not changed.
+    Give `noise_multiplier`, or `target_epsilon` to solve for it over `epochs` epochs. A model with data
+    normalisation gets its statistics from `loader` here, privately (`data_norm_*`, see privacy.datanorm), and the
+    accountant counts that release; otherwise the inputs are not changed.
     """
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ConfigError("give exactly one of noise_multiplier and target_epsilon")
@@ -259,13 +267,17 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
                                  preprocess=loader.preprocess, augment=loader.augment,
                                  sampling="poisson" if poisson else "shuffle", views=augmult)
     sample_rate = private_loader.sample_rate
+    prior = ()
+    if unfitted_data_norm(model):
+        prior = (datanorm.fit_data_norm(model, loader, noise_multiplier=data_norm_noise, clip=data_norm_clip),)
     if target_epsilon is not None:
         noise_multiplier = accounting.noise_for_target_epsilon(
             target_epsilon, delta=delta, sample_rate=sample_rate, steps=epochs * len(private_loader),
-            accountant=accountant)
+            accountant=accountant, prior=prior)
     elif noise_multiplier <= 0:
         raise ConfigError(f"noise_multiplier must be > 0 for DP-SGD, got {noise_multiplier}")
     acc = accounting.create_accountant(accountant)
+    acc.history = list(prior)
     dp_optimizer = DPOptimizerFastGradientClipping(
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=max(1, round(sample_rate * loader.num_examples)), loss_reduction="mean")
@@ -274,4 +286,4 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
         model=model, optimizer=dp_optimizer, loader=private_loader, accountant=acc, accountant_name=accountant,
         noise_multiplier=float(noise_multiplier), max_grad_norm=max_grad_norm, delta=delta, sample_rate=sample_rate,
         poisson=poisson, augmult=augmult, physical_batch_size=physical_batch_size, grad_sample_mode=grad_sample_mode,
-        target_epsilon=target_epsilon, ema=ParamEMA(model, ema) if ema is not None else None)
+        target_epsilon=target_epsilon, ema=ParamEMA(model, ema) if ema is not None else None, prior=prior)

@@ -19,6 +19,7 @@ from cifarlab.data.sources import Split
 from cifarlab.errors import CifarlabError
 from cifarlab.io import write_json, write_yaml
 from cifarlab.models import create_model
+from cifarlab.models.scatter import unfitted_data_norm
 from cifarlab.report.metrics import confusion_matrix, per_class_accuracy
 from cifarlab.report.run_report import write_run_report
 from cifarlab.train import distributed
@@ -38,10 +39,16 @@ def init_model_from_data(model: torch.nn.Module, data: TrainData, *, count: int 
     """Let a model that defines `init_from_data` fit its data-dependent layers to `count` normalised training images.
 
     The images are evenly strided through the training split (whose order may be sorted by class), not augmented.
+    A model with data normalisation (`scatter_*` with data_norm) gets it fitted on the whole training split, unless
+    a DP run has fitted it privately already.
     """
     if hasattr(model, "init_from_data"):
         images = data.train.images[:: max(1, data.train.num_examples // count)][:count]
         model.init_from_data(data.preprocess(images.float().div(255)))
+    if unfitted_data_norm(model):
+        from cifarlab.privacy.datanorm import fit_data_norm  # imports Opacus: only for such models
+
+        fit_data_norm(model, data.train)
 
 
 def precompute_frozen_prefix(model: torch.nn.Module, data: TrainData, *, progress: bool = True) -> TrainData | None:
@@ -166,7 +173,8 @@ def _make_private(model: torch.nn.Module, data: TrainData, config: RunConfig):
         model, build_optimizer(model, config.optim), data.train, epochs=config.train.epochs,
         max_grad_norm=dp.max_grad_norm, noise_multiplier=dp.noise_multiplier, target_epsilon=dp.target_epsilon,
         delta=DEFAULT_DELTA if dp.delta is None else dp.delta, accountant=dp.accountant, poisson=dp.poisson,
-        augmult=dp.augmult, physical_batch_size=dp.physical_batch_size, ema=dp.ema,
+        augmult=dp.augmult, physical_batch_size=dp.physical_batch_size, ema=dp.ema, data_norm_noise=dp.data_norm_noise,
+        data_norm_clip=dp.data_norm_clip,
     )  # fmt: skip
     return private.model, dataclasses.replace(data, train=private.loader), private
 
