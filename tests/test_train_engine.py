@@ -15,7 +15,7 @@ from cifarlab.data.preprocess import fit_preprocessor
 from cifarlab.data.sources import Split
 from cifarlab.models import create_model
 from cifarlab.train.checkpoint import read_checkpoint
-from cifarlab.train.engine import TrainingDiverged, autocast_for, fit, resolve_precision
+from cifarlab.train.engine import TrainingDiverged, autocast_for, evaluate, fit, resolve_precision
 from cifarlab.train.optim import lr_factor
 
 
@@ -55,6 +55,18 @@ def train(run_dir=None, **kwargs):
     torch.manual_seed(0)
     model = create_model("tutorial", num_classes=3)
     return fit(model, data=synthetic_data(), config=config(), run_dir=run_dir, **kwargs)
+
+
+def test_evaluated_accuracy_is_exact_at_a_threshold():
+    labels = torch.zeros(10_000, dtype=torch.long)
+    labels[:1000] = 1  # the constant model below predicts class 0: right on exactly 9,000 of 10,000
+    loader = BatchLoader(Split(torch.zeros(10_000, 3, 2, 2, dtype=torch.uint8), labels), batch_size=5000,
+                         preprocess=fit_preprocessor("none", torch.zeros(2, 3, 2, 2, dtype=torch.uint8)))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    assert evaluate(model, loader).accuracy >= 0.9  # float32's mean gives 0.89999998
 
 
 def test_eval_from_skips_the_early_evaluations_but_not_in_a_run_folder(tmp_path):

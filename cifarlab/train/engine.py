@@ -137,7 +137,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, autocast: Callable = cont
     predictions, targets = torch.cat(predictions), torch.cat(targets)
     return EvalResult(
         loss=float(loss_sum) / len(targets),
-        accuracy=(predictions == targets).float().mean().item(),
+        accuracy=(predictions == targets).sum().item() / len(targets),  # exact: float32 makes 9,000/10,000 < 0.9
         predictions=predictions,
         targets=targets,
     )
