@@ -219,9 +219,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     seeds = [config.train.seed + i for i in range(args.seeds)]
 
     def report(seed: int, run: dict) -> None:
+        best = max(accuracy for accuracy in run["test_acc"] if accuracy is not None)  # None: not evaluated
         print(f"seed {seed}: final test accuracy {run['test_acc'][-1]:.2%} after {len(run['test_acc'])} epochs, "
-              f"{sum(run['epoch_seconds']):.0f} s of training, best {max(a for a in run['test_acc'] if a is not None):.2%}",
-              flush=True)
+              f"{sum(run['epoch_seconds']):.0f} s of training, best {best:.2%}", flush=True)
 
     rows = time_to_accuracy(config, thresholds=args.thresholds, seeds=seeds, eval_from=args.eval_from, on_run=report)
     print(format_rows(rows))

@@ -18,7 +18,8 @@ CHANNELS = 243  # the scattering's channels: a model takes such float inputs as 
 
 def prefix_loader(inputs: torch.Tensor, batch_size: int = 50) -> BatchLoader:
     labels = torch.arange(len(inputs)) % 10
-    return BatchLoader(Split(inputs, labels), batch_size=batch_size, preprocess=fit_preprocessor("none", torch.zeros(2, 3, 2, 2, dtype=torch.uint8)))
+    identity = fit_preprocessor("none", torch.zeros(2, 3, 2, 2, dtype=torch.uint8))  # float inputs pass through
+    return BatchLoader(Split(inputs, labels), batch_size=batch_size, preprocess=identity)
 
 
 def channel_scaled_inputs(n: int, seed: int = 0) -> torch.Tensor:

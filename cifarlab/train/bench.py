@@ -39,8 +39,8 @@ from cifarlab.train.engine import fit, resolve_device
 from cifarlab.train.run import build_model, private_fit_args
 
 COLUMNS = (
-    "recipe", "model", "model_args", "threshold", "eval_from", "seeds", "reached", "seconds_mean", "seconds_min", "seconds_max",
-    "epoch_mean", "final_acc_mean", "final_acc_min", "final_acc_max", "images_per_second", "peak_memory_mb", "device",
+    "recipe", "model", "model_args", "threshold", "eval_from", "seeds", "reached", "seconds_mean", "seconds_min",
+    "seconds_max", "epoch_mean", "final_acc_mean", "final_acc_min", "final_acc_max", "images_per_second", "peak_memory_mb", "device",
     "epsilon", "epochs", "batch_size", "data_source", "torch", "date",
 )  # fmt: skip
 
