@@ -1,4 +1,5 @@
 """Data normalisation: the exact fit, the private release (clipping, noise scale) and its accounting in DP-SGD."""
+import numpy as np
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -79,7 +80,8 @@ def test_accounting_composes_the_release_with_the_steps():
         independent = accountant_class()
         independent.history = [release, (4.0, 0.16, 300)]
         ours = accounting.epsilon(**kw, accountant=name, prior=[release])
-        assert ours == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-6)
+        with np.errstate(divide="ignore"):  # Opacus's PRV takes log(1 - q) = log(0) for q = 1
+            assert ours == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-6)
         assert ours > accounting.epsilon(**kw, accountant=name)
     sigma = accounting.noise_for_target_epsilon(3.0, delta=1e-5, sample_rate=0.16, steps=300, prior=[release])
     spent = accounting.epsilon(sample_rate=0.16, noise_multiplier=sigma, steps=300, delta=1e-5, prior=[release])
