@@ -69,10 +69,11 @@ def accountant_epsilon(accountant: IAccountant, delta: float) -> float:
 def epsilon(*, sample_rate: float, noise_multiplier: float, steps: int, delta: float,
             accountant: str = DEFAULT_ACCOUNTANT, prior: Sequence[Release] = ()) -> float:
     """Epsilon after the `prior` releases and `steps` DP-SGD steps with Poisson rate q and noise multiplier sigma."""
-    for release in [*prior, (noise_multiplier, sample_rate, steps)]:
+    history = [*prior, (noise_multiplier, sample_rate, steps)]
+    for release in history:
         _check_mechanism(*release)
     acc = create_accountant(accountant)
-    acc.history = [release for release in [*prior, (noise_multiplier, sample_rate, steps)] if release[2] > 0]
+    acc.history = [release for release in history if release[2] > 0]
     return accountant_epsilon(acc, delta)
 
 

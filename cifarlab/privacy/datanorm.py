@@ -36,7 +36,7 @@ def fit_data_norm(model: nn.Module, loader: BatchLoader, *, noise_multiplier: fl
     have one DataNorm, after its `prefix`."""
     norms = [m for m in model.modules() if isinstance(m, DataNorm)]
     if len(norms) != 1 or not hasattr(model, "prefix"):
-        raise ConfigError(f"private data normalisation needs a model with one DataNorm after a frozen prefix "
+        raise ConfigError(f"data normalisation needs a model with one DataNorm after a frozen prefix "
                           f"(scatter_* with data_norm: true); {type(model).__name__} has {len(norms)}")
     private = noise_multiplier is not None
     if private and (noise_multiplier <= 0 or clip <= 0):
