@@ -83,6 +83,22 @@ def test_tta_is_the_mean_of_logits_over_flipped_and_shifted_views():
     assert torch.equal(model(x), plain.train()(x))  # training forwards see one view
 
 
+def test_dropout_acts_on_the_view_averaged_features_and_only_when_enabled():
+    torch.manual_seed(0)
+    model = fast(**TINY, tta=1, lookahead_every=0, dropout=0.5).eval()
+    plain = fast(**TINY, tta=1, lookahead_every=0).eval()
+    plain.load_state_dict(model.state_dict())  # dropout has no weights: the same state dict
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x))  # eval: dropout off
+        model.dropout.train()  # what MC dropout does
+        features = plain.forward_features(x)
+        kept = model.forward_features(x)
+    zeroed = kept == 0
+    assert zeroed.any() and not zeroed.all()
+    torch.testing.assert_close(kept[~zeroed], 2 * features[~zeroed])  # inverted dropout on the averaged features
+
+
 def test_lookahead_moves_weights_to_the_slow_copy_every_k_steps():
     torch.manual_seed(0)
     k, alpha = 3, 0.5
@@ -140,6 +156,7 @@ def test_compiled_training_ticks_lookahead_eagerly_and_eval_only_use_skips_dynam
     ({"convs_per_block": 0}, "convs_per_block"),
     ({"lookahead_every": -1}, "lookahead_every"),
     ({"lookahead_alpha": 0.0}, "lookahead_alpha"),
+    ({"dropout": 1.0}, "fast: dropout must be a probability"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, words):
     with pytest.raises(ConfigError, match=words):

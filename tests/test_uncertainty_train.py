@@ -7,6 +7,7 @@ import torch
 from cifarlab.config import RunConfig
 from cifarlab.errors import CheckpointError, ConfigError
 from cifarlab.io import read_yaml
+from cifarlab.models import create_model
 from cifarlab.train.checkpoint import read_checkpoint
 from cifarlab.uncertainty.train import UncertaintyConfig, comparison_rows, evaluate_run, train_uncertainty
 
@@ -71,6 +72,24 @@ def test_mc_dropout_is_the_plain_cnn_with_dropout_on_at_test_time(small_cifar, t
     weights = [read_checkpoint(tmp_path / name / "best.pt")["model_state"] for name in ("none", "mc")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert mc["test"]["nll"] != pytest.approx(plain["test"]["nll"], rel=1e-6)
+
+
+def test_fast_net_gets_its_whitening_fitted_and_mc_dropout(small_cifar, tmp_path):
+    # the fast net's whitening layer is fitted to the training images, as `cifarlab train` does (not the identity)
+    config = _config(small_cifar, epochs=1, model="fast")
+    config = RunConfig.from_dict({**config.to_dict(), "model": {"name": "fast", "args": {
+        "width1": 8, "width2": 8, "width3": 8, "convs_per_block": 1, "tta": 0, "dropout": 0.3}}})
+    summary = train_uncertainty(config, _options("mc-dropout", passes=2), run_dir=tmp_path / "mc")
+    state = read_checkpoint(tmp_path / "mc" / "best.pt")["model_state"]
+    identity = create_model("fast", width1=8, width2=8, width3=8, convs_per_block=1).state_dict()["whiten_weight"]
+    assert not torch.allclose(state["whiten_weight"], identity) and summary["test"]["accuracy"] > 0
+    with pytest.raises(ConfigError, match="sgld-dp cannot train 'fast'.*statistics of the training images"):
+        train_uncertainty(config, _options("sgld-dp", burn_in=0), run_dir=tmp_path / "dp")
+    scatter = RunConfig.from_dict({**config.to_dict(), "model": {"name": "scatter_linear",
+                                                                  "args": {"data_norm": True}}})
+    with pytest.raises(ConfigError, match="sgld-dp cannot train 'scatter_linear'"):
+        train_uncertainty(scatter, _options("sgld-dp", burn_in=0), run_dir=tmp_path / "dp")
+    assert not (tmp_path / "dp").exists()  # refused before anything was written
 
 
 def test_bad_methods_and_models_are_refused(small_cifar, tmp_path):

@@ -10,6 +10,7 @@ Written from the paper's ideas, not its code:
 - lookahead (Zhang et al. 2019, arXiv:1907.08610) kept inside the model, like BatchNorm's running statistics, so
   the one training engine needs no special case: every `lookahead_every` training forwards the weights move to a
   slow copy that trails them;
+- optional dropout on the pooled features (`dropout`, default 0), for MC dropout (cifarlab.uncertainty);
 - test-time augmentation in eval mode: the features are averaged over flipped and 1-pixel-shifted views; the head
   is linear, so this is the mean of the views' logits and `forward(x) == fc(forward_features(x))` still holds.
 Label smoothing, Nesterov SGD with warmup and decay, bf16, channels_last and torch.compile come from the recipes
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cifarlab.errors import ConfigError
-from cifarlab.models.layers import CifarModel
+from cifarlab.models.layers import CifarModel, check_dropout
 from cifarlab.models.registry import register_model
 
 PATCH = 2
@@ -79,7 +80,7 @@ class FastNet(CifarModel):
     """Patch whitening (frozen) -> 3 conv blocks (each halves the resolution) -> global max pool -> linear."""
 
     def __init__(self, *, widths: tuple[int, int, int], convs_per_block: int, lookahead_every: int,
-                 lookahead_alpha: float, tta: int, num_classes: int) -> None:
+                 lookahead_alpha: float, tta: int, dropout: float, num_classes: int) -> None:
         super().__init__()
         if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
             raise ConfigError(f"fast: widths must be positive integers, got {widths}")
@@ -106,6 +107,7 @@ class FastNet(CifarModel):
                 layers += conv_bn_gelu(width, width, pool=False)
             in_ch = width
         self.blocks = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(check_dropout(dropout, name="fast: dropout"))
         self.fc = nn.Linear(in_ch, num_classes)
         self.lookahead_steps = 0  # a Python int, so counting costs no device sync; saved by get_extra_state
         if lookahead_every:
@@ -146,9 +148,9 @@ class FastNet(CifarModel):
         if self.training:
             if self.lookahead_every:
                 self._lookahead_tick()
-            return self._features(x)
+            return self.dropout(self._features(x))
         views = tta_views(x, self.tta)
-        return sum(self._features(view) for view in views) / len(views)
+        return self.dropout(sum(self._features(view) for view in views) / len(views))  # active only for MC dropout
 
     @_disable_compile_lazily  # in-place weight updates every k steps stay out of the compiled graph
     @torch.no_grad()
@@ -171,7 +173,7 @@ class FastNet(CifarModel):
 
 @register_model
 def fast(*, num_classes: int = 10, width1: int = 64, width2: int = 256, width3: int = 256, convs_per_block: int = 2,
-         lookahead_every: int = 5, lookahead_alpha: float = 0.5, tta: int = 2) -> FastNet:
+         lookahead_every: int = 5, lookahead_alpha: float = 0.5, tta: int = 2, dropout: float = 0.0) -> FastNet:
     """airbench-style net for fast training: frozen 2x2 patch whitening, 3 conv blocks, lookahead, flip+shift TTA."""
     return FastNet(widths=(width1, width2, width3), convs_per_block=convs_per_block, lookahead_every=lookahead_every,
-                   lookahead_alpha=lookahead_alpha, tta=tta, num_classes=num_classes)
+                   lookahead_alpha=lookahead_alpha, tta=tta, dropout=dropout, num_classes=num_classes)

@@ -36,9 +36,11 @@ from cifarlab.data.sources import Split, load_dataset, stratified_indices
 from cifarlab.errors import CheckpointError, ConfigError
 from cifarlab.io import read_yaml, write_json, write_yaml
 from cifarlab.models import create_model
+from cifarlab.models.scatter import unfitted_data_norm
 from cifarlab.privacy.accounting import DEFAULT_DELTA
 from cifarlab.train.checkpoint import read_checkpoint
 from cifarlab.train.engine import fit, resolve_device
+from cifarlab.train.run import init_model_from_data
 from cifarlab.uncertainty.baselines import dropout_layers, predict_mc_dropout
 from cifarlab.uncertainty.evaluate import Predict, evaluate_uncertainty
 from cifarlab.uncertainty.ood import CORRUPTIONS, SEVERITIES, held_out_classes
@@ -99,12 +101,14 @@ def train_uncertainty(config: RunConfig, options: UncertaintyConfig, *,
     run_dir = Path(run_dir or config.train.out or f"runs/{stamp}-{config.model.name}-{options.method}")
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"{run_dir} already holds a finished run; choose another --out")
+    if options.method == "sgld-dp":
+        _check_private_model(config)
     write_yaml(run_dir / "config.yaml", config.to_dict())
     write_yaml(run_dir / "uncertainty.yaml", dataclasses.asdict(options))
     device = resolve_device(config.train.device)
     torch.manual_seed(config.train.seed)
     data = _data(config, device, poisson=options.method == "sgld-dp")
-    model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args).to(device)
+    model = _new_model(config, data)
     if options.method == "mc-dropout":
         _check_dropout(model, config.model.name)
 
@@ -114,7 +118,7 @@ def train_uncertainty(config: RunConfig, options: UncertaintyConfig, *,
         for k in range(options.members):
             member = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=config.train.seed + k))
             torch.manual_seed(member.train.seed)
-            net = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
+            net = _new_model(member, data)
             result = fit(net, data=_without_test(data), config=member, run_dir=run_dir / f"member_{k}")
             train_seconds += result.summary["train_seconds"]
             states.append(read_checkpoint(run_dir / f"member_{k}" / "best.pt")["model_state"])
@@ -190,6 +194,22 @@ def _for_method(config: RunConfig, options: UncertaintyConfig) -> RunConfig:
     return config
 
 
+def _check_private_model(config: RunConfig) -> None:
+    """sgld-dp: refuse, before any work, a model that would fit layers to the training data outside DP-SGD."""
+    model = create_model(config.model.name, **config.model.args)
+    if hasattr(model, "init_from_data") or unfitted_data_norm(model):
+        raise ConfigError(f"sgld-dp cannot train {config.model.name!r}: it fits layers to statistics of the training "
+                          "images, which sgld-dp's privacy guarantee does not cover; use a model without them (cnn, "
+                          "wrn with model.args.norm=group, scatter_* without data_norm)")
+
+
+def _new_model(config: RunConfig, data: TrainData) -> nn.Module:
+    """The run's model on the data's device, its data-dependent layers (e.g. `fast`'s whitening) fitted."""
+    model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
+    init_model_from_data(model.to(data.train.images.device), data)
+    return model
+
+
 def _without_test(data: TrainData) -> TrainData:
     """The data as training sees it: the test split is left to the final evaluation."""
     return dataclasses.replace(data, evals={k: v for k, v in data.evals.items() if k != "test"})
@@ -204,7 +224,7 @@ def _data(config: RunConfig, device: torch.device, *, poisson: bool) -> TrainDat
 def _check_dropout(model: nn.Module, name: str) -> None:
     if not dropout_layers(model):
         raise ConfigError(f"mc-dropout needs a model with dropout; {name!r} has none with p > 0 "
-                          "(use cnn or vgg, or wrn with --model-arg dropout=0.3)")
+                          "(use cnn or vgg, or wrn or fast with --model-arg dropout=0.3)")
 
 
 def _train_sgld(model: nn.Module, data: TrainData, config: RunConfig, options: UncertaintyConfig,
