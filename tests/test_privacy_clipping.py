@@ -14,7 +14,8 @@ from cifarlab.privacy.clipping import check_fast_supported, clipped_grad_sum, tr
 
 
 class EveryRule(nn.Module):
-    """One layer for each rule of the fast path: conv by grouped per-example gradients (c1, c3 grouped),
+    """One layer for each rule of the fast path: conv by per-example gradients (c1: one convolution, as for an
+    RGB input; c3 grouped: a grouped weight-gradient call),
     conv by Gram norms (c4), GroupNorm (Opacus's rule), weight-standardised conv by per-example gradients (c2)
     and by Gram norms (c5; with 3 views both switch to per-example gradients), linear;
     an in-place ReLU on a conv output (the backward capture must see the pre-ReLU gradient)."""
@@ -80,6 +81,20 @@ def test_clipped_sum_matches_one_example_at_a_time(method, views):
     # ... and with a large C nothing is clipped: the plain sum of gradients.
     loose, _ = reference(model, x, y, max_grad_norm=1e6, views=views)
     for got, want in zip(clipped_grad_sum(model, x, y, max_grad_norm=1e6, views=views, method=method).grads, loose):
+        assert close(got, want)
+
+
+@pytest.mark.parametrize("views", [1, 3])
+@pytest.mark.parametrize("first", [nn.Conv2d(3, 4, 3, padding=1), WSConv2d(3, 4, 3, padding=1, bias=True)])
+def test_few_input_channel_convs_per_example_by_one_convolution(first, views):
+    # an RGB input layer takes the path that convolves the inputs with the output gradients (c_in < 8, stride 1)
+    torch.manual_seed(3)
+    model = nn.Sequential(first, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    x, y = batch(5, views, seed=3)
+    expected, norms = reference(model, x, y, max_grad_norm=0.2, views=views)
+    result = clipped_grad_sum(model, x, y, max_grad_norm=0.2, views=views)
+    assert torch.allclose(result.norms, norms, rtol=1e-4) and (norms > 0.2).all()
+    for got, want in zip(result.grads, expected):
         assert close(got, want)
 
 

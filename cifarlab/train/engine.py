@@ -28,6 +28,7 @@ from cifarlab.errors import CifarlabError
 from cifarlab.io import write_text
 from cifarlab.train import distributed
 from cifarlab.train.checkpoint import save_checkpoint
+from cifarlab.train.host_memory import retain_freed_memory
 from cifarlab.train.optim import build_optimizer, build_scheduler
 
 METRIC_COLUMNS = (
@@ -175,6 +176,8 @@ def fit(
     if eval_from > 1 and run_dir is not None:
         raise ValueError("fit: eval_from > 1 leaves epochs without metrics; it is for runs without a run folder")
     device = data.train.labels.device
+    if device.type == "cpu":
+        retain_freed_memory()  # host tensors are the training's working memory: reuse their pages step to step
     channels_last = train_cfg.channels_last if train_cfg.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
