@@ -258,8 +258,8 @@ def _conv2d_rule(module: nn.Conv2d, a: Tensor, g: Tensor, views: int, *, output:
 
 # Below this many input channels a stride-1 conv's per-example weight gradients come faster as one convolution
 # of the inputs (examples as channels) with the output gradients as filters than as a grouped weight-gradient
-# call: 26 vs 65 ms for the 3-channel input layer of `cnn` at batch 256 on 2 CPU cores, while from 32 input
-# channels up the grouped call was 2-3x faster.
+# call: 26 vs 65 ms for the 3-channel input layer of `cnn` at batch 256 on 2 CPU cores, while with 32 or 64
+# input channels the grouped call was 1.5-2.3x faster.
 _FEW_INPUT_CHANNELS = 8
 
 
