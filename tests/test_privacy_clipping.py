@@ -9,6 +9,7 @@ from torch import nn
 
 from cifarlab.errors import ConfigError
 from cifarlab.models.layers import WSConv2d
+from cifarlab.privacy import clipping
 from cifarlab.privacy.clipping import check_fast_supported, clipped_grad_sum, trainable_parameters
 
 
@@ -17,7 +18,7 @@ class EveryRule(nn.Module):
     """One layer for each rule of the fast path: conv by per-example gradients (c1: one convolution, as for an
     RGB input; c3 grouped: a grouped weight-gradient call),
     conv by Gram norms (c4), GroupNorm (Opacus's rule), weight-standardised conv by per-example gradients (c2)
-    and by Gram norms (c5; with 3 views both switch to per-example gradients), linear;
+    and by Gram norms (c5), linear;
     an in-place ReLU on a conv output (the backward capture must see the pre-ReLU gradient)."""
 
     def __init__(self) -> None:
@@ -27,7 +28,7 @@ class EveryRule(nn.Module):
         self.gn = nn.GroupNorm(2, 4)
         self.c2 = WSConv2d(4, 8, 3, stride=2, padding=1, bias=False)
         self.c3 = nn.Conv2d(8, 32, 3, padding=1, groups=2)
-        self.c4 = nn.Conv2d(32, 32, 3, padding=1)  # 4x4 output: T(d+o) < d*o, the Gram rule
+        self.c4 = nn.Conv2d(32, 32, 3, padding=1)  # 4x4 output: T(d+o) < 2*d*o, the Gram rule
         self.c5 = WSConv2d(32, 32, 3, padding=1)  # the Gram rule for a standardised weight
         self.fc = nn.Linear(32 * 2 * 2, 10)
 
@@ -81,6 +82,20 @@ def test_clipped_sum_matches_one_example_at_a_time(method, views):
     # ... and with a large C nothing is clipped: the plain sum of gradients.
     loose, _ = reference(model, x, y, max_grad_norm=1e6, views=views)
     for got, want in zip(clipped_grad_sum(model, x, y, max_grad_norm=1e6, views=views, method=method).grads, loose):
+        assert close(got, want)
+
+
+@pytest.mark.parametrize("views", [1, 3])
+def test_grouped_per_example_gradients_in_chunks(monkeypatch, views):
+    # c2 and c3 take grouped weight-gradient calls, in chunks of examples: 5 examples in chunks of 2, 2 and 1
+    monkeypatch.setattr(clipping, "_GROUPED_CHUNK", 2)
+    torch.manual_seed(4)
+    model = EveryRule()
+    x, y = batch(5, views, seed=4)
+    expected, norms = reference(model, x, y, max_grad_norm=0.5, views=views)
+    result = clipped_grad_sum(model, x, y, max_grad_norm=0.5, views=views)
+    assert torch.allclose(result.norms, norms, rtol=1e-4)
+    for got, want in zip(result.grads, expected):
         assert close(got, want)
 
 

@@ -174,9 +174,10 @@ def _gram_sq_norms(a: Tensor, g: Tensor) -> Tensor:
     return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
 
 
-def _ghost_is_cheaper(positions: int, d: int, o: int) -> bool:
-    # Gram: T^2 (d + o) flops per example; explicit per-example gradient: T d o flops (and d o memory).
-    return positions * (d + o) < d * o
+def _ghost_is_cheaper(positions: int, d: int, o: int, *, slowdown: float = 1.0) -> bool:
+    # Gram: T^2 (d + o) flops per example, in batched matmuls; explicit per-example gradient: T d o flops (and d o
+    # memory), by a kernel `slowdown` times slower per flop than the matmuls.
+    return positions * (d + o) < slowdown * d * o
 
 
 def _weight(coef: Tensor, views: int, ndim: int) -> Tensor:
@@ -217,7 +218,7 @@ def _conv2d_rule(module: nn.Conv2d, a: Tensor, g: Tensor, views: int, *, output:
     sq = torch.zeros(batch, device=a.device)
     per_example = None  # (B, *weight.shape) when formed: the clipped sum is then a cheap weighted sum
     if module.weight.requires_grad:
-        if groups == 1 and _ghost_is_cheaper(positions, kernel.numel(), c_out):
+        if groups == 1 and _ghost_is_cheaper(positions, kernel.numel(), c_out, slowdown=_GROUPED_SLOWDOWN):
             patches = _patches(a, module).view(batch, positions, -1)  # (B, views*L, d)
             gg = g.view(batch, views, c_out, -1).transpose(2, 3).reshape(batch, positions, c_out)
             if standardized is None:
@@ -261,6 +262,14 @@ def _conv2d_rule(module: nn.Conv2d, a: Tensor, g: Tensor, views: int, *, output:
 # call: 26 vs 65 ms for the 3-channel input layer of `cnn` at batch 256 on 2 CPU cores, while with 32 or 64
 # input channels the grouped call was 1.5-2.3x faster.
 _FEW_INPUT_CHANNELS = 8
+# The grouped weight-gradient call runs at about half the speed per flop of the Gram rule's batched matmuls: on 2 CPU
+# cores at batch 256, Gram vs grouped took 101 vs 182 ms for ScatterNet's 243->64 3x3 conv on 8x8 maps (flops
+# 1.03 : 1; at batch 1024 in one call, 0.4 vs 22 s) and 6 vs 18 ms for wrn's 64->128 1x1 stride-2 shortcut (1.5 : 1).
+_GROUPED_SLOWDOWN = 2.0
+# Examples per grouped weight-gradient call. The kernel slows down per example with many groups: at batch 1024 on
+# 2 CPU cores, one call vs calls of 64 examples took 150 vs 112 ms (32->64 3x3 on 16x16) and 178 vs 132 ms
+# (64->64 3x3 on 8x8), with 32 to 128 per call within noise of 64.
+_GROUPED_CHUNK = 64
 
 
 def _conv_weight_per_example(module: nn.Conv2d, a: Tensor, g: Tensor, views: int) -> Tensor:
@@ -275,14 +284,18 @@ def _conv_weight_per_example(module: nn.Conv2d, a: Tensor, g: Tensor, views: int
         filters = g.view(batch, views, c_out, *g.shape[2:]).transpose(1, 2).reshape(batch * c_out, views, *g.shape[2:])
         out = F.conv2d(a.transpose(0, 1), filters, padding=module.padding, groups=batch)  # (c_in, B * c_out, kh, kw)
         return out.view(c_in, batch, c_out, *kernel[1:]).permute(1, 2, 0, 3, 4).contiguous()
-    # ONE grouped weight-gradient call: fold the examples into channel groups, so the "batch" left to sum over is
+    # Grouped weight-gradient calls: fold the examples into channel groups, so the "batch" left to sum over is
     # the views (averaging them before clipping, for free).
     a_folded = a.view(batch, views, c_in, height, width).transpose(0, 1).reshape(views, batch * c_in, height, width)
     g_folded = g.view(batch, views, *g.shape[1:]).transpose(0, 1).reshape(views, batch * c_out, *g.shape[2:])
-    per_example = torch.nn.grad.conv2d_weight(a_folded, (batch * c_out, *kernel), g_folded,
-                                              groups=batch * module.groups, stride=module.stride,
-                                              padding=module.padding, dilation=module.dilation)
-    return per_example.view(batch, c_out, *kernel)
+    chunks = []
+    for start in range(0, batch, _GROUPED_CHUNK):
+        count = min(_GROUPED_CHUNK, batch - start)
+        chunks.append(torch.nn.grad.conv2d_weight(
+            a_folded[:, start * c_in:(start + count) * c_in], (count * c_out, *kernel),
+            g_folded[:, start * c_out:(start + count) * c_out], groups=count * module.groups, stride=module.stride,
+            padding=module.padding, dilation=module.dilation))
+    return torch.cat(chunks).view(batch, c_out, *kernel)
 
 
 # Weight Standardization (WSConv2d, Qiao et al. 2019): the conv runs with w_hat = (w - mean) * rstd per output

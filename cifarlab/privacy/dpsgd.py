@@ -87,6 +87,17 @@ def _privacy_problems(model: nn.Module) -> list[tuple[str, str, str]]:
     return problems
 
 
+class ClippedSumOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus's DP optimizer for gradients that arrive already clipped and summed (noise, scaling, accountant
+    hook), taking each step's sum without a copy: Opacus deep-copies every `p.grad` into `p.summed_grad`, 0.5 ms
+    a step (3% of the DP step of the `tutorial` LeNet at batch 256 on 2 CPU cores). `train_step` hands over a
+    fresh tensor per parameter and step, so keeping it aliased is safe."""
+
+    def accumulate(self) -> None:
+        for p in self.params:
+            p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad + p.grad
+
+
 class ParamEMA:
     """Exponential moving average of the weights, for evaluation (Polyak & Juditsky 1992; used for DP-SGD by
     De et al. 2022). The decay warms up as min(decay, (1 + t) / (10 + t)), TensorFlow's ExponentialMovingAverage
@@ -126,7 +137,7 @@ class PrivateTraining:
     """The private versions of model, optimizer and loader, plus the accountant and the batch step."""
 
     model: nn.Module
-    optimizer: DPOptimizerFastGradientClipping
+    optimizer: ClippedSumOptimizer
     loader: BatchLoader
     accountant: IAccountant
     accountant_name: str
@@ -153,7 +164,7 @@ class PrivateTraining:
             raise RuntimeError("DP-SGD step called with a non-private optimizer; pass optimizer=private.optimizer to fit")
         views = self.augmult
         params = trainable_parameters(model)
-        sums = [torch.zeros_like(p) for p in params]
+        sums = None
         loss_sum, correct = torch.zeros((), device=y.device), torch.zeros((), dtype=torch.long, device=y.device)
         rows = (self.physical_batch_size or max(1, len(y) // views)) * views
         for xs, ys in zip(x.split(rows), y.split(rows)):
@@ -161,10 +172,10 @@ class PrivateTraining:
                 continue
             result = clipped_grad_sum(model, xs, ys, max_grad_norm=self.max_grad_norm, views=views,
                                       method=self.grad_sample_mode)
-            sums = [s + g for s, g in zip(sums, result.grads)]
+            sums = result.grads if sums is None else [s + g for s, g in zip(sums, result.grads)]
             loss_sum = loss_sum + result.losses.sum()
             correct = correct + (result.logits.argmax(1) == ys[::views]).sum()
-        for p, s in zip(params, sums):
+        for p, s in zip(params, sums or [torch.zeros_like(p) for p in params]):  # an empty batch: noise only
             p.grad = s
         optimizer.step()  # + N(0, sigma^2 C^2), / (q N), the update, accountant.step
         optimizer.zero_grad(set_to_none=True)
@@ -278,7 +289,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
         raise ConfigError(f"noise_multiplier must be > 0 for DP-SGD, got {noise_multiplier}")
     acc = accounting.create_accountant(accountant)
     acc.history = list(prior)
-    dp_optimizer = DPOptimizerFastGradientClipping(
+    dp_optimizer = ClippedSumOptimizer(
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=max(1, round(sample_rate * loader.num_examples)), loss_reduction="mean")
     dp_optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=sample_rate))

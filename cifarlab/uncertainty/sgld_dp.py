@@ -11,7 +11,7 @@ sqrt(2 * eta * T / n). They agree when
 so DP-SGD with this C and no momentum samples the posterior while clipping is inactive, and the accountant
 still bounds the privacy spent, clipped or not. C follows eta when the schedule changes it.
 Per-example clipping is cifarlab.privacy.clipping's (single-pass "fast" by default, or Opacus's hooks), the
-noise and step Opacus's DPOptimizerFastGradientClipping, as in cifarlab.privacy.dpsgd; batches come from the
+noise and step Opacus's DP optimizer (dpsgd.ClippedSumOptimizer), as in cifarlab.privacy.dpsgd; batches come from the
 run's own Poisson-sampling loader.
 """
 from __future__ import annotations
@@ -20,13 +20,12 @@ import math
 import warnings
 
 import torch
-from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 
 from cifarlab.errors import ConfigError
 from cifarlab.privacy.accounting import DEFAULT_ACCOUNTANT, DEFAULT_DELTA, check_delta, epsilon
 from cifarlab.privacy.clipping import CLIP_METHODS, check_fast_supported, clipped_grad_sum, trainable_parameters
-from cifarlab.privacy.dpsgd import disable_inplace, require_per_example_layers
+from cifarlab.privacy.dpsgd import ClippedSumOptimizer, disable_inplace, require_per_example_layers
 from cifarlab.train.engine import StepResult
 
 
@@ -68,9 +67,8 @@ class SGLDDP:
         # no momentum: Li et al.'s equivalence is for plain SGD; weight decay is the Gaussian prior, not clipped
         sgd = torch.optim.SGD(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
         # adds N(0, sigma^2 C^2) to the clipped sum in p.grad and divides by the expected batch size
-        self.optimizer = DPOptimizerFastGradientClipping(sgd, noise_multiplier=noise_multiplier,
-                                                         max_grad_norm=self._clip_norm(lr),
-                                                         expected_batch_size=batch_size, loss_reduction="mean")
+        self.optimizer = ClippedSumOptimizer(sgd, noise_multiplier=noise_multiplier, max_grad_norm=self._clip_norm(lr),
+                                             expected_batch_size=batch_size, loss_reduction="mean")
         self.steps = self.clipped = self.examples = 0
 
     def _clip_norm(self, lr: float) -> float:
