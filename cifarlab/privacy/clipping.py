@@ -12,7 +12,7 @@ Noise and averaging are the optimizer's job (Opacus DPOptimizer).
   Large Model at Small Cost", arXiv:2210.00038). One forward and ONE backward that computes only
   the gradients flowing between layers; from each layer's input a and output gradient g it gets
   the per-example gradient norms (mixed ghost norm, Bu et al. 2022, arXiv:2205.10683: the Gram
-  trick where it is cheaper, else per-example gradients from one grouped weight-gradient call, or
+  trick where it is cheaper, else per-example gradients from grouped weight-gradient calls, or
   for an RGB input layer from one convolution of the inputs with the output gradients; a weight
   standardisation enters the norms in closed form, never per example), then the clipped sum with
   the ordinary weight-gradient kernel applied to c_i * g_i. No second backward (Opacus ghost
