@@ -12,13 +12,13 @@ and prints images/s and each step time relative to plain. Timings are the best o
 take turns inside a round), the most stable statistic on a shared machine. Noise, clipping and optimizer
 settings are the same everywhere (sigma=1, C=1, SGD).
 
-Measured alone on the 2-core CPU (session 5; step ms, x plain):
+Measured alone on the 2-core CPU (session 6; step ms, x plain):
 
     model     plain        opacus-hooks   opacus-ghost   ours
-    tutorial   17.3         45.1 2.61x     40.8 2.36x     26.3 1.52x   (4 runs of ours: 1.50-1.74x)
-    cnn       372.8       2154.4 5.78x    816.5 2.19x    469.7 1.26x
-    wrn       476.6       1113.1 2.34x   1427.9 3.00x    656.1 1.38x
-    --no-retain-memory (glibc's default allocator): ours 1.56x, 1.49x, 2.16x; plain cnn 481 ms
+    tutorial   16.2         44.9 2.76x     39.8 2.45x     25.1 1.54x   (--per-round 10: 1.61x)
+    cnn       361.5       1977.8 5.47x    821.9 2.27x    464.2 1.28x
+    wrn       441.3       1020.1 2.31x   1323.3 3.00x    610.5 1.38x
+    session 5: ours 1.52x, 1.26x, 1.38x; --no-retain-memory (glibc's default allocator): 1.56x, 1.49x, 2.16x
 """
 from __future__ import annotations
 
