@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.errors import ConfigError
+from cifarlab.models import create_model
 from cifarlab.models.layers import WSConv2d
 from cifarlab.privacy import clipping
 from cifarlab.privacy.clipping import check_fast_supported, clipped_grad_sum, trainable_parameters
@@ -97,6 +98,23 @@ def test_grouped_per_example_gradients_in_chunks(monkeypatch, views):
     assert torch.allclose(result.norms, norms, rtol=1e-4)
     for got, want in zip(result.grads, expected):
         assert close(got, want)
+
+
+def test_wide_resnet_with_weight_standardisation_matches_one_example_at_a_time():
+    # wrn-10-2 GN+WS mixes every rule on real layer shapes: its 64->128 1x1 stride-2 shortcut on 8x8 maps takes
+    # the Gram rule only because the grouped kernel's slowdown is counted
+    torch.manual_seed(5)
+    model = create_model("wrn", depth=10, width=2, norm="group", weight_standardization=True)
+    shortcut = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)][-1]
+    d, o = shortcut.weight[0].numel(), shortcut.out_channels
+    assert (d, o) == (64, 128) and 64 * (d + o) > d * o
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([1, 7, 3])
+    expected, norms = reference(model, x, y, max_grad_norm=0.5, views=1)
+    result = clipped_grad_sum(model, x, y, max_grad_norm=0.5)
+    assert torch.allclose(result.norms, norms, rtol=1e-4)
+    for got, want in zip(result.grads, expected):
+        assert close(got, want, rel=1e-4)
 
 
 @pytest.mark.parametrize("views", [1, 3])

@@ -11,8 +11,8 @@ sqrt(2 * eta * T / n). They agree when
 so DP-SGD with this C and no momentum samples the posterior while clipping is inactive, and the accountant
 still bounds the privacy spent, clipped or not. C follows eta when the schedule changes it.
 Per-example clipping is cifarlab.privacy.clipping's (single-pass "fast" by default, or Opacus's hooks), the
-noise and step Opacus's DP optimizer (dpsgd.ClippedSumOptimizer), as in cifarlab.privacy.dpsgd; batches come from the
-run's own Poisson-sampling loader.
+noise and step Opacus's DP optimizer (dpsgd.ClippedSumOptimizer), as in cifarlab.privacy.dpsgd; batches come
+from the run's own Poisson-sampling loader.
 """
 from __future__ import annotations
 
