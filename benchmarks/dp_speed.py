@@ -1,6 +1,7 @@
 """DP-SGD step speed: non-private vs Opacus's per-sample gradient paths vs ours, same model, batch and machine.
 
     python benchmarks/dp_speed.py --models tutorial,cnn,wrn --batch 256 --repeats 5
+    python benchmarks/dp_speed.py --models wrn-16-4 --batch 256 --device cuda      # on a GPU machine
 
 For each model (prepared for DP: BatchNorm -> GroupNorm, no in-place ops) and one fixed batch of random
 32x32 images, it times a whole optimizer step of
@@ -37,8 +38,10 @@ from torch import nn
 from cifarlab.data.loader import BatchLoader
 from cifarlab.data.preprocess import fit_preprocessor
 from cifarlab.data.sources import Split
+from cifarlab.errors import CifarlabError
 from cifarlab.models import create_model
 from cifarlab.privacy.dpsgd import make_private, prepare_model
+from cifarlab.train.engine import resolve_device
 from cifarlab.train.host_memory import retain_freed_memory
 
 MODELS = {  # name -> create_model arguments
@@ -49,11 +52,11 @@ MODELS = {  # name -> create_model arguments
 }
 
 
-def step_functions(name: str, batch: int) -> dict:
+def step_functions(name: str, batch: int, device: torch.device = torch.device("cpu")) -> dict:
     """mode -> a closure doing one training step on a fixed batch (each mode on its own copy of the model)."""
     model_name, kwargs = MODELS[name]
-    base = prepare_model(create_model(model_name, **kwargs))
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    base = prepare_model(create_model(model_name, **kwargs)).to(device)
+    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
     steps = {}
 
     plain = prepare_model(base)
@@ -98,6 +101,11 @@ def step_functions(name: str, batch: int) -> dict:
     return steps
 
 
+def _cuda_clock() -> float:
+    torch.cuda.synchronize()  # kernels run asynchronously: a step is over when the GPU is done with it
+    return time.perf_counter()
+
+
 def measure(steps: dict, *, repeats: int, per_round: int, clock=time.perf_counter) -> dict[str, float]:
     """Best-of-`repeats` seconds per step for each mode."""
     for step in steps.values():  # warm-up (allocations, lazy init)
@@ -119,6 +127,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=2, help="steps timed together in one round")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
                         help="keep freed host memory in the process, as CPU training does (--no-retain-memory: "
@@ -128,19 +137,28 @@ def main() -> None:
                         help="time with the process's CPU time instead of wall time: with --threads 1 on a shared "
                              "machine this is the step's own compute, unaffected by other processes' load")
     args = parser.parse_args()
+    try:
+        device = resolve_device(args.device)
+    except CifarlabError as error:
+        parser.error(str(error))
+    if args.cpu_time and device.type != "cpu":
+        parser.error("--cpu-time measures CPU work; it cannot time GPU kernels")
     if args.threads:
         torch.set_num_threads(args.threads)
     # as every CPU training run does (cifarlab.train.engine.fit): every mode reuses its pages step to step
     retained = args.retain_memory and retain_freed_memory()
     torch.manual_seed(0)
     clock = time.process_time if args.cpu_time else time.perf_counter
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+    if device.type == "cuda":
+        clock = _cuda_clock
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, batch {args.batch}, "
           f"best of {args.repeats} rounds x {args.per_round} steps, {'CPU' if args.cpu_time else 'wall'} time, "
           f"freed memory {'retained' if retained else 'returned (glibc default)'}")
     header = f"{'model':10s} {'mode':13s} {'images/s':>9s} {'step ms':>9s} {'x plain':>8s}"
     print(header)
     for name in args.models.split(","):
-        steps = step_functions(name, args.batch)
+        steps = step_functions(name, args.batch, device)
         for mode in filter(None, args.skip.split(",")):
             steps.pop(mode)
         seconds = measure(steps, repeats=args.repeats, per_round=args.per_round, clock=clock)
