@@ -45,6 +45,11 @@ def test_exact_fit_standardises_every_channel_and_is_saved_with_the_weights():
     again.load_state_dict(model.state_dict())
     assert not unfitted_data_norm(again)
     torch.testing.assert_close(again(inputs[:3]), model(inputs[:3]))
+    # forward stops reading the buffer once it has seen it fitted (a GPU sync per batch), but loading unfitted
+    # weights into a checked model makes it refuse again
+    again.load_state_dict(create_model("scatter_linear", data_norm=True).state_dict())
+    with pytest.raises(RuntimeError, match="before its statistics were fitted"):
+        again(inputs[:2])
 
 
 def test_private_release_clips_each_example_to_C():

@@ -221,6 +221,14 @@ class DataNorm(nn.Module):
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("var", torch.ones(channels))
         self.register_buffer("fitted", torch.tensor(False))  # saved with the weights: a loaded model is fitted
+        # Reading `fitted` on a GPU waits for every queued kernel, so forward reads it only until it has seen True;
+        # loading weights (which may be unfitted ones) makes it look again.
+        self._seen_fitted = False
+        self.register_load_state_dict_post_hook(DataNorm._look_again)
+
+    @staticmethod
+    def _look_again(module: DataNorm, incompatible_keys: object) -> None:
+        module._seen_fitted = False
 
     @staticmethod
     def moments(x: Tensor) -> Tensor:
@@ -236,9 +244,11 @@ class DataNorm(nn.Module):
         self.fitted.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.fitted:
-            raise RuntimeError("DataNorm used before its statistics were fitted: train the model with cifarlab "
-                               "(which fits them), or call set_moments")
+        if not self._seen_fitted:
+            if not self.fitted:
+                raise RuntimeError("DataNorm used before its statistics were fitted: train the model with cifarlab "
+                                   "(which fits them), or call set_moments")
+            self._seen_fitted = True
         return (x - self.mean[:, None, None]) * (self.var[:, None, None] + DATA_NORM_EPS).rsqrt()
 
 
