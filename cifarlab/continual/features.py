@@ -139,7 +139,7 @@ def extract_features(model: nn.Module, images: Tensor, *, preprocess: Preprocess
     try:
         with torch.inference_mode():
             for chunk in images.split(batch_size):
-                x = preprocess(chunk.to(device).float().div_(255)).contiguous(memory_format=torch.channels_last)
+                x = preprocess.from_uint8(chunk.to(device)).contiguous(memory_format=torch.channels_last)
                 with autocast():
                     if target is None:
                         out = model.forward_features(x)

@@ -112,6 +112,10 @@ class Preprocessor(nn.Module):
             x = (x.flatten(1) @ self.whiten.to(x.dtype)).view_as(x)
         return x if self.size is None else resize(x, self.size)
 
+    def from_uint8(self, images: Tensor) -> Tensor:
+        """uint8 images (0..255, any device) -> the model's input, as for evaluation (no augmentation)."""
+        return self(images.float().div_(255))
+
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}" + ("" if self.size is None else f", size={self.size}")
 

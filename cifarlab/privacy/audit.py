@@ -88,7 +88,7 @@ def audit_checkpoint(checkpoint: str | Path, *, data_path: str | None = None, co
 
     def draw(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         index = torch.randperm(len(labels), generator=generator)[:count].to(labels.device)
-        return preprocess(images[index].float().div(255)), labels[index]
+        return preprocess.from_uint8(images[index]), labels[index]
 
     test = data.evals["test"]
     result = loss_threshold_audit(model, draw(data.train.images, data.train.labels), draw(test.images, test.labels))

@@ -44,7 +44,7 @@ def fit_data_norm(model: nn.Module, loader: BatchLoader, *, noise_multiplier: fl
     total = None
     with torch.no_grad():
         for chunk in loader.images.split(CHUNK):
-            inputs = chunk if chunk.is_floating_point() else loader.preprocess(chunk.float().div(255))
+            inputs = chunk if chunk.is_floating_point() else loader.preprocess.from_uint8(chunk)
             moments = DataNorm.moments(model.prefix(inputs).float()).double()  # sums of 50,000 terms: float64
             if private:
                 moments = moments * (clip / moments.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)[:, None]

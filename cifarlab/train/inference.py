@@ -78,6 +78,6 @@ def predict_files(
     torch_device = resolve_device(device)
     model, preprocess, classes, _ = load_model(checkpoint, device=torch_device)
     images = torch.stack([read_image(path, input_size) for path in paths]).to(torch_device)
-    probabilities = model(preprocess(images.float() / 255)).softmax(1).cpu()
+    probabilities = model(preprocess.from_uint8(images)).softmax(1).cpu()
     for path, row in zip(paths, probabilities):
         yield path, dict(zip(classes, row.tolist()))

@@ -44,7 +44,7 @@ def init_model_from_data(model: torch.nn.Module, data: TrainData, *, count: int 
     """
     if hasattr(model, "init_from_data"):
         images = data.train.images[:: max(1, data.train.num_examples // count)][:count]
-        model.init_from_data(data.preprocess(images.float().div(255)))
+        model.init_from_data(data.preprocess.from_uint8(images))
     if unfitted_data_norm(model):
         from cifarlab.privacy.datanorm import fit_data_norm  # imports Opacus: only for such models
 
