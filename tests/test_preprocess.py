@@ -135,6 +135,14 @@ def test_forward_keeps_shape_and_dtype(kind, fitted_by_kind):
         assert y.shape == x.shape and y.dtype == dtype
 
 
+@pytest.mark.parametrize("kind", PREPROCESSORS)
+def test_from_uint8_scales_to_unit_range_then_preprocesses(kind, fitted_by_kind):
+    images = _images(n=4)
+    kept = images.clone()
+    torch.testing.assert_close(fitted_by_kind[kind].from_uint8(images), fitted_by_kind[kind](_as_float(images)))
+    assert torch.equal(images, kept)
+
+
 def test_none_is_identity():
     x = _as_float(_images(n=4))
     assert torch.equal(fit_preprocessor("none", _images())(x), x)
