@@ -20,6 +20,7 @@ Measured alone on the 2-core CPU (session 6; step ms, x plain):
     cnn       361.5       1977.8 5.47x    821.9 2.27x    464.2 1.28x
     wrn       441.3       1020.1 2.31x   1323.3 3.00x    610.5 1.38x
     session 5: ours 1.52x, 1.26x, 1.38x; --no-retain-memory (glibc's default allocator): 1.56x, 1.49x, 2.16x
+    session 7: ours 1.58x, 1.34x, 1.35x; tutorial alone, 3 processes: 1.49x, 1.52x, 1.52x
 """
 from __future__ import annotations
 
