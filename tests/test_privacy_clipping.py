@@ -131,6 +131,57 @@ def test_few_input_channel_convs_per_example_by_one_convolution(first, views):
         assert close(got, want)
 
 
+@pytest.mark.parametrize("views", [1, 3])
+@pytest.mark.parametrize("first", [nn.Conv2d(3, 4, 3, padding=1), WSConv2d(3, 4, 5, padding=(2, 1), bias=True)])
+def test_few_channel_convs_per_example_by_the_compiled_kernel(monkeypatch, first, views):
+    # few input and output channels: the compiled multiply-and-sum, 5 examples in chunks of 2 (the last padded)
+    monkeypatch.setattr(clipping, "_DIRECT_MIN_FLOPS", 0)
+    monkeypatch.setattr(clipping, "_DIRECT_CHUNK", 2)
+    kernel = clipping._CompiledPatchProducts()
+    monkeypatch.setattr(clipping, "_compiled_patch_products", kernel)
+    torch.manual_seed(6)
+    model = nn.Sequential(first, nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    x, y = batch(5, views, seed=6)
+    model(x)  # sizes the linear layer
+    expected, norms = reference(model, x, y, max_grad_norm=0.2, views=views)
+    result = clipped_grad_sum(model, x, y, max_grad_norm=0.2, views=views)
+    assert torch.allclose(result.norms, norms, rtol=1e-4) and (norms > 0.2).all()
+    for got, want in zip(result.grads, expected):
+        assert close(got, want)
+    output = tuple(first(x[:1]).shape[1:])
+    assert kernel.shapes == {((2 * views, 3, 8, 8), (2 * views, *output), views, first.padding)}  # it ran
+
+
+def test_compiled_kernel_falls_back_to_the_convolution_when_compiling_fails(monkeypatch):
+    def broken_compile(function, **options):
+        def run(*args):
+            raise RuntimeError("no C++ compiler\nmore lines")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(clipping, "_compiled_patch_products", clipping._CompiledPatchProducts())
+    monkeypatch.setattr(clipping, "_DIRECT_MIN_FLOPS", 0)
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    x, y = batch(3, 1, seed=7)
+    expected, _ = reference(model, x, y, max_grad_norm=0.2, views=1)
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler\); .*slower kernel"):
+        result = clipped_grad_sum(model, x, y, max_grad_norm=0.2)
+    for got, want in zip(result.grads, expected):
+        assert close(got, want)
+    assert clipping._compiled_patch_products.failed  # and it does not try again
+    assert clipping._compiled_patch_products(x, torch.zeros(3, 4, 8, 8), 1, (1, 1)) is None
+
+
+def test_compiled_kernel_stops_taking_new_shapes_at_the_recompile_limit(monkeypatch):
+    monkeypatch.setattr(clipping, "_DIRECT_MAX_SHAPES", 1)
+    kernel = clipping._CompiledPatchProducts()
+    a, g = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 4, 4)
+    assert kernel(a, g, 1, (0, 0)).shape == (2, 4, 3, 3, 3)
+    assert kernel(a, g, 1, (0, 0)) is not None  # the same shape again
+    assert kernel(torch.randn(2, 3, 7, 7), torch.randn(2, 4, 5, 5), 1, (0, 0)) is None
+
+
 @pytest.mark.parametrize("method", ["fast", "hooks"])
 def test_every_clipped_example_has_norm_at_most_C(method):
     torch.manual_seed(1)
