@@ -21,6 +21,7 @@ Measured alone on the 2-core CPU (session 6; step ms, x plain):
     wrn       441.3       1020.1 2.31x   1323.3 3.00x    610.5 1.38x
     session 5: ours 1.52x, 1.26x, 1.38x; --no-retain-memory (glibc's default allocator): 1.56x, 1.49x, 2.16x
     session 7: ours 1.58x, 1.34x, 1.35x; tutorial alone, 3 processes: 1.49x, 1.52x, 1.52x
+    session 8 (compiled kernel for RGB input layers): ours 1.27x, 1.29x, 1.36x; tutorial alone: 1.24x, 1.26x, 1.31x
 """
 from __future__ import annotations
 

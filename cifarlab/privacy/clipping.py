@@ -309,8 +309,9 @@ def _conv_weight_per_example(module: nn.Conv2d, a: Tensor, g: Tensor, views: int
 # per-example weight gradients fastest from one fused multiply-and-sum over each example's patches, which eager
 # PyTorch lacks (it would materialise every patch times every output channel) and torch.compile generates (C++ on
 # CPU). On 2 CPU cores at batch 256, compiled vs the one-convolution path above: tutorial's 3->6 5x5 on 32x32
-# 2.8 vs 7.3 ms, wrn's 3->16 3x3 (padding 1) 3.0 vs 6.9 ms, 3->6 3x3 1.1 vs 4.2 ms; with 64 output channels (cnn's
-# 3->64 5x5) the convolution was faster (25 vs 32 ms), and for 6->16 5x5 on 14x14 even (2.7 vs 3.0 ms).
+# 2.8 vs 7.3 ms (3.1 ms in chunks of 64), wrn's 3->16 3x3 (padding 1) 3.0 vs 6.9 ms, 3->6 3x3 1.1 vs 4.2 ms; with 64
+# output channels (cnn's 3->64 5x5) the convolution was faster (25 vs 32 ms), and for 6->16 5x5 on 14x14 even
+# (2.7 vs 3.0 ms). On CPU only: GPUs were not measured.
 _DIRECT_MAX_OUT_CHANNELS = 16
 _DIRECT_MIN_FLOPS = 5e7  # smaller layers keep the convolution: a compile (~1 s per layer shape) would not pay back
 _DIRECT_CHUNK = 64  # examples per compiled call: one fixed shape per layer, whatever the (Poisson) batch size
