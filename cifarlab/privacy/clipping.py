@@ -280,7 +280,7 @@ def _conv_weight_per_example(module: nn.Conv2d, a: Tensor, g: Tensor, views: int
     batch, c_out, kernel = n // views, g.shape[1], module.weight.shape[1:]
     if (module.groups == 1 and c_in < _FEW_INPUT_CHANNELS and module.stride == (1, 1)
             and module.dilation == (1, 1)):
-        if a.device.type == "cpu" and c_out <= _DIRECT_MAX_OUT_CHANNELS and (
+        if a.device.type == "cpu" and c_out * kernel[1:].numel() <= _DIRECT_MAX_WEIGHTS_PER_INPUT_CHANNEL and (
                 2 * n * c_out * kernel.numel() * g.shape[2] * g.shape[3] >= _DIRECT_MIN_FLOPS):
             per_example = _direct_per_example(a, g, views, module.padding)
             if per_example is not None:
@@ -305,14 +305,16 @@ def _conv_weight_per_example(module: nn.Conv2d, a: Tensor, g: Tensor, views: int
     return torch.cat(chunks).view(batch, c_out, *kernel)
 
 
-# A stride-1 conv with few input and few output channels (the RGB input layer of LeNet-like nets and WRNs) gets its
-# per-example weight gradients fastest from one fused multiply-and-sum over each example's patches, which eager
-# PyTorch lacks (it would materialise every patch times every output channel) and torch.compile generates (C++ on
-# CPU). On 2 CPU cores at batch 256, compiled vs the one-convolution path above: tutorial's 3->6 5x5 on 32x32
-# 2.8 vs 7.3 ms (3.1 ms in chunks of 64), wrn's 3->16 3x3 (padding 1) 3.0 vs 6.9 ms, 3->6 3x3 1.1 vs 4.2 ms; with 64
-# output channels (cnn's 3->64 5x5) the convolution was faster (25 vs 32 ms), and for 6->16 5x5 on 14x14 even
-# (2.7 vs 3.0 ms). On CPU only: GPUs were not measured.
-_DIRECT_MAX_OUT_CHANNELS = 16
+# A stride-1 conv with few input channels and small filters per input channel (the RGB input layer of most CIFAR
+# nets) gets its per-example weight gradients fastest from one fused multiply-and-sum over each example's patches,
+# which eager PyTorch lacks (it would materialise every patch times every output channel) and torch.compile
+# generates (a C++ loop on CPU, ~70 GFLOP/s on 2 cores). Compiled (in chunks of 64) vs the one-convolution path
+# above, batch 256, 2 CPU cores, ms: 3->6 5x5 on 32x32 (tutorial) 3.1 vs 7.3, 3->6 5x5 pad 2 (tutorial_deep)
+# 3.3 vs 9.7, 3->6 3x3 1.3 vs 4.3, 3->16 3x3 pad 1 (wrn) 3.3 vs 7.3, 3->32 6.3 vs 10.6, 3->64 3x3 pad 1 (resnets)
+# 12.8 vs 16.8, 6->16 5x5 pad 2 on 16x16 (tutorial_deep) 4.3 vs 8.0, 6->18 3x3 on 15x15 (tutorial_wide) 1.7 vs 3.5;
+# slower for 3->64 5x5 pad 2 (cnn, 32 vs 25: 1,600 weights per input channel) and 6->16 5x5 on 14x14 (tutorial's
+# second conv, 3.1 vs 2.7: a short 10x10 sum). On CPU only: GPUs were not measured.
+_DIRECT_MAX_WEIGHTS_PER_INPUT_CHANNEL = 600  # c_out * kh * kw
 _DIRECT_MIN_FLOPS = 5e7  # smaller layers keep the convolution: a compile (~1 s per layer shape) would not pay back
 _DIRECT_CHUNK = 64  # examples per compiled call: one fixed shape per layer, whatever the (Poisson) batch size
 # torch.compile recompiles per input shape up to a limit (8 by default), after which dynamo would run the function
