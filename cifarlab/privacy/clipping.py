@@ -317,14 +317,17 @@ def _conv_weight_per_example(module: nn.Conv2d, a: Tensor, g: Tensor, views: int
 _DIRECT_MAX_WEIGHTS_PER_INPUT_CHANNEL = 600  # c_out * kh * kw
 _DIRECT_MIN_FLOPS = 5e7  # smaller layers keep the convolution: a compile (~1 s per layer shape) would not pay back
 _DIRECT_CHUNK = 64  # examples per compiled call: one fixed shape per layer, whatever the (Poisson) batch size
-# torch.compile recompiles per input shape up to a limit (8 by default), after which dynamo would run the function
-# eagerly, materialising every patch: past this many layer shapes in one process the convolution path is used.
-_DIRECT_MAX_SHAPES = 8
+
+
+class _RanEagerly(Exception):
+    """_patch_products was called without torch.compile (disabled, forced eager, or out of recompiles)."""
 
 
 def _patch_products(a: Tensor, g: Tensor, views: int, padding: tuple[int, int]) -> Tensor:
     """dW_i[o, c, kh, kw] = sum_v sum_yx g_iv[o, y, x] a_iv[c, y + kh, x + kw] for a (B*views, c, H, W) and
-    g (B*views, o, h, w) of a stride-1 conv: (B, o, c, kh, kw). Meant to run compiled (see above)."""
+    g (B*views, o, h, w) of a stride-1 conv: (B, o, c, kh, kw). Runs compiled only (see above)."""
+    if not torch.compiler.is_compiling():  # run eagerly it would materialise every patch times every filter (GBs)
+        raise _RanEagerly
     a = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
     n, c_in, height, width = a.shape
     c_out, out_h, out_w = g.shape[1:]
@@ -335,29 +338,27 @@ def _patch_products(a: Tensor, g: Tensor, views: int, padding: tuple[int, int]) 
 
 
 class _CompiledPatchProducts:
-    """`_patch_products` compiled once per input shape, or None where compiling fails (no C++ compiler, say)."""
+    """`_patch_products` compiled (once per input shape); None where it cannot run compiled."""
 
     def __init__(self) -> None:
         self.function: Callable | None = None
-        self.shapes: set[tuple] = set()
         self.failed = False
 
     def __call__(self, a: Tensor, g: Tensor, views: int, padding: tuple[int, int]) -> Tensor | None:
-        shape = (tuple(a.shape), tuple(g.shape), views, tuple(padding))
-        if self.failed or (shape not in self.shapes and len(self.shapes) >= _DIRECT_MAX_SHAPES):
+        if self.failed:
             return None
         if self.function is None:
             self.function = torch.compile(_patch_products, dynamic=False)
         try:
-            out = self.function(a, g, views, padding)
+            return self.function(a, g, views, padding)
+        except _RanEagerly:
+            return None
         except Exception as error:  # whatever stops inductor here, the convolution path gives the same numbers
             self.failed = True
             reason = (str(error).splitlines() or [""])[0]
             warnings.warn(f"torch.compile failed ({type(error).__name__}: {reason}); per-example gradients of "
                           "few-channel convolutions fall back to a slower kernel")
             return None
-        self.shapes.add(shape)
-        return out
 
 
 _compiled_patch_products = _CompiledPatchProducts()
