@@ -158,43 +158,34 @@ def test_few_channel_convs_per_example_by_the_compiled_kernel(monkeypatch, first
     assert outputs and outputs[0].shape == (5, *first.weight.shape)  # it ran
 
 
-def test_compiled_kernel_falls_back_to_the_convolution_when_compiling_fails(monkeypatch):
-    def broken_compile(function, **options):
-        def run(*args):
-            raise RuntimeError("no C++ compiler\nmore lines")
-        return run
+def broken_compile(function, **options):
+    def run(*args):
+        raise RuntimeError("no C++ compiler\nmore lines")
+    return run
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(clipping, "_compiled_patch_products", clipping._CompiledPatchProducts())
+
+@pytest.mark.parametrize("compile_, fails", [
+    (broken_compile, True),  # compiling fails (no C++ compiler, say): a warning, and no second try
+    # torch.compile switched off (TORCHDYNAMO_DISABLE=1, a forced-eager stance, no recompiles left) runs the function
+    # as written, which would materialise every patch times every filter: it refuses, silently, each time
+    (lambda function, **options: function, False),
+])
+def test_compiled_kernel_falls_back_to_the_convolution(monkeypatch, recwarn, compile_, fails):
+    monkeypatch.setattr(torch, "compile", compile_)
+    kernel = clipping._CompiledPatchProducts()
+    monkeypatch.setattr(clipping, "_compiled_patch_products", kernel)
     monkeypatch.setattr(clipping, "_DIRECT_MIN_FLOPS", 0)
     torch.manual_seed(7)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
     x, y = batch(3, 1, seed=7)
     expected, _ = reference(model, x, y, max_grad_norm=0.2, views=1)
-    with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler\); .*slower kernel"):
-        result = clipped_grad_sum(model, x, y, max_grad_norm=0.2)
-    for got, want in zip(result.grads, expected):
-        assert close(got, want)
-    assert clipping._compiled_patch_products.failed  # and it does not try again
-    assert clipping._compiled_patch_products(x, torch.zeros(3, 4, 8, 8), 1, (1, 1)) is None
-
-
-def test_kernel_run_eagerly_leaves_it_to_the_convolution(monkeypatch, recwarn):
-    # torch.compile disabled (TORCHDYNAMO_DISABLE=1, a forced-eager stance, no recompiles left) runs the function
-    # as written, which would materialise every patch times every filter: it refuses, and the convolution serves
-    monkeypatch.setattr(torch, "compile", lambda function, **options: function)
-    kernel = clipping._CompiledPatchProducts()
-    monkeypatch.setattr(clipping, "_compiled_patch_products", kernel)
-    monkeypatch.setattr(clipping, "_DIRECT_MIN_FLOPS", 0)
-    torch.manual_seed(8)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
-    x, y = batch(3, 1, seed=8)
-    expected, _ = reference(model, x, y, max_grad_norm=0.2, views=1)
     for got, want in zip(clipped_grad_sum(model, x, y, max_grad_norm=0.2).grads, expected):
         assert close(got, want)
+    warned = [str(w.message) for w in recwarn.list if "torch.compile" in str(w.message)]
+    assert warned == (["torch.compile failed (RuntimeError: no C++ compiler); per-example gradients of few-channel "
+                       "convolutions fall back to a slower kernel"] if fails else [])
+    assert kernel.failed == fails
     assert clipping._direct_per_example(x, torch.zeros(3, 4, 8, 8), 1, (1, 1)) is None
-    assert not kernel.failed  # nothing failed: no warning, and it is tried again next time
-    assert not [w for w in recwarn.list if "torch.compile" in str(w.message)]
 
 
 @pytest.mark.parametrize("method", ["fast", "hooks"])
