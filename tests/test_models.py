@@ -119,6 +119,9 @@ def _wrn_params(depth: int, width: int, classes: int) -> int:
 
 @pytest.mark.parametrize("name, kwargs, expected", [
     ("tutorial", {}, 62_006),  # the number printed by the PyTorch tutorial
+    # 3x3 convs 3-32-32-64-64-128-128 (with biases), fc 2048-128-10
+    ("tanh_cnn", {}, sum(9 * i * o + o for i, o in [(3, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)])
+     + 2048 * 128 + 128 + 128 * 10 + 10),
     ("resnet18", {"num_classes": 1000}, 11_689_512),  # torchvision.models.resnet18()
     ("resnet18_cifar", {}, 11_173_962),
     ("resnet", {"depth": 20}, _cifar_resnet_params(20, 10)),

@@ -7,6 +7,7 @@ list is the registry's table of contents.
 from cifarlab.models import cnn, preact_resnet, resnet, resnet_cifar, tutorial, vgg, wrn  # noqa: F401
 from cifarlab.models import fast  # noqa: F401  (airbench-style net for time-to-accuracy; issue 6)
 from cifarlab.models import scatter  # noqa: F401  (ScatterNet + linear/CNN for DP-SGD; issue 3)
+from cifarlab.models import tanh_cnn  # noqa: F401  (the end-to-end DP-SGD baseline CNN; issue 3)
 from cifarlab.models.registry import EXTERNAL_NOTE, create_model, describe_model, list_models, register_model
 
 __all__ = ["EXTERNAL_NOTE", "create_model", "describe_model", "list_models", "register_model"]
