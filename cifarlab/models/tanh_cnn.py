@@ -35,5 +35,5 @@ class TanhCNN(CifarModel):
 
 @register_model
 def tanh_cnn(*, num_classes: int = 10) -> TanhCNN:
-    """Papernot et al. 2021 / Tramer & Boneh 2021 DP baseline: 3x [conv3x3-tanh x2, maxpool] 32-64-128, fc 128."""
+    """Papernot et al. 2021 / Tramer & Boneh 2021 DP baseline: 3x [conv3x3-tanh x2, maxpool] 32-64-128, fc 128"""
     return TanhCNN(num_classes=num_classes)
