@@ -14,7 +14,7 @@ Noise and averaging are the optimizer's job (Opacus DPOptimizer).
   the per-example gradient norms (mixed ghost norm, Bu et al. 2022, arXiv:2205.10683: the Gram
   trick where it is cheaper, else per-example gradients from grouped weight-gradient calls, or
   for an RGB input layer from a multiply-and-sum over its patches that torch.compile fuses (CPU,
-  few output channels) or one convolution of the inputs with the output gradients; a weight
+  small filters) or one convolution of the inputs with the output gradients; a weight
   standardisation enters the norms in closed form, never per example), then the clipped sum with
   the ordinary weight-gradient kernel applied to c_i * g_i. No second backward (Opacus ghost
   clipping needs one) and no (B, params) tensor for conv/linear layers (Opacus hooks keep one per
