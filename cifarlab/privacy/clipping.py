@@ -347,7 +347,7 @@ class _CompiledPatchProducts:
     def __call__(self, a: Tensor, g: Tensor, views: int, padding: tuple[int, int]) -> Tensor | None:
         if self.failed:
             return None
-        if self.function is None:
+        if self.function is None:  # at first use: torch.compile imports dynamo, seconds that most runs never need
             self.function = torch.compile(_patch_products, dynamic=False)
         try:
             return self.function(a, g, views, padding)
