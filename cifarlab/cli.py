@@ -12,12 +12,16 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 
+from cifarlab import __version__
 from cifarlab.config import ACCOUNTANTS, DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, RunConfig, list_recipes, load_recipe, merge
 from cifarlab.data.augment import PAD_MODES
 from cifarlab.data.preprocess import PREPROCESSORS
 from cifarlab.errors import CifarlabError, ConfigError
+from cifarlab.hardware import THREADS_ENV, thread_count
+from cifarlab.train.host_memory import retain_freed_memory
 
 # (flag, config key, type or choices, help). Every command that trains accepts all of these, spelled the same.
 _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -334,9 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifarlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
+
     def command(name: str, handler: Callable, help_text: str, parent=commands) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
+        if handler is not None:
+            sub.add_argument("--threads", metavar="N", help=f"torch intra-op threads (default: ${THREADS_ENV}, else "
+                                                            "the cores this process may use)")
         return sub
 
     add_training_flags(command("train", cmd_train, "train a model; writes a run folder"))
@@ -434,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        torch.set_num_threads(thread_count(args.threads))
+        retain_freed_memory()  # a CLI process owns its heap: keep freed pages for the next step (train/host_memory)
         args.handler(args)
     except CifarlabError as error:
         print(f"cifarlab: error: {error}", file=sys.stderr)

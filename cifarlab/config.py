@@ -1,6 +1,6 @@
 """Typed run configuration: nested dataclasses, one per concern, validated once at the edge.
 
-A run is described by a `RunConfig`. It is built from a YAML recipe (`recipes/<name>.yaml`) plus command-line
+A run is described by a `RunConfig`. It is built from a YAML recipe (`cifarlab/recipes/<name>.yaml`) plus command-line
 overrides, validated by `RunConfig.from_dict`, saved resolved as `config.yaml` in the run folder and inside every
 checkpoint, so `cifarlab train --recipe runs/x/config.yaml` (or `--resume`) rebuilds the same run.
 Inside the library, code reads plain values from these objects and never re-validates.
@@ -19,7 +19,7 @@ from cifarlab.data.preprocess import PREPROCESSORS, check_input_size
 from cifarlab.errors import ConfigError
 from cifarlab.io import read_yaml
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # inside the package: wheels and sdists ship them
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "sgld")
 SCHEDULES = ("constant", "step", "multistep", "cosine", "onecycle")
@@ -107,7 +107,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    precision: str = "auto"  # auto: bf16 where the hardware has it natively, else fp32 (cifarlab.hardware)
     channels_last: bool | None = None  # None: on CUDA only
     compile: bool = False  # torch.compile the model (GPU)
     out: str | None = None  # run folder; default runs/<timestamp>-<model>

@@ -67,5 +67,5 @@ def test_merge_overlays_without_mutating_inputs():
     assert base["optim"]["lr"] == 0.1 and "width" not in base["model"]["args"]
 
 
-def test_recipes_dir_is_the_repository_folder():
-    assert RECIPES_DIR == Path(__file__).resolve().parents[1] / "recipes"
+def test_recipes_live_inside_the_package():
+    assert RECIPES_DIR == Path(__file__).resolve().parents[1] / "cifarlab" / "recipes"

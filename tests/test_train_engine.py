@@ -15,7 +15,7 @@ from cifarlab.data.preprocess import fit_preprocessor
 from cifarlab.data.sources import Split
 from cifarlab.models import create_model
 from cifarlab.train.checkpoint import read_checkpoint
-from cifarlab.train.engine import TrainingDiverged, autocast_for, evaluate, fit, resolve_precision
+from cifarlab.train.engine import TrainingDiverged, evaluate, fit
 from cifarlab.train.optim import lr_factor
 
 
@@ -160,17 +160,3 @@ def test_warmup_then_onecycle():
     optim = config(4, schedule="onecycle", warmup_epochs=1).optim
     factor = lr_factor(optim, epochs=4, steps_per_epoch=2)
     assert [factor(s) for s in range(8)] == pytest.approx([0.5, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
-
-
-def test_autocast_is_bf16_only_where_asked_or_on_cuda(monkeypatch):
-    cpu = torch.device("cpu")
-    with autocast_for(cpu, "auto")():
-        assert not torch.is_autocast_enabled("cpu")
-    with autocast_for(cpu, "bf16")():
-        assert torch.is_autocast_enabled("cpu")
-        assert nn.Linear(4, 2)(torch.ones(1, 4)).dtype == torch.bfloat16
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    with pytest.warns(UserWarning, match="emulated and slower"):
-        autocast_for(cpu, "bf16")
-    assert [resolve_precision(d, p) for d in (cpu, torch.device("cuda")) for p in ("auto", "fp32", "bf16")] == [
-        "fp32", "fp32", "bf16", "bf16", "fp32", "bf16"]

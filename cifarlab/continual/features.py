@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from cifarlab.data.preprocess import Preprocessor
 from cifarlab.errors import CheckpointError, ConfigError, DataError
-from cifarlab.train.engine import autocast_for
+from cifarlab.hardware import autocast_for
 
 
 # Images per forward pass, the same in the protocol and in `continual add` (see the module docstring): the

@@ -40,6 +40,7 @@ from cifarlab.report.metrics import accuracy, confusion_matrix, per_class_accura
 from cifarlab.report.plots import plot_confusion
 from cifarlab.report.run_report import format_table
 from cifarlab.train.checkpoint import load_model
+from cifarlab import hardware
 from cifarlab.train import engine
 from cifarlab.train.run import run_training
 
@@ -148,7 +149,7 @@ def run_continual(config: RunConfig, base_classes: Sequence[int],
 def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) -> dict[str, Any]:
     """The protocol on a trained base run (its folder or checkpoint); returns and writes summary.json."""
     checkpoint = Path(run) / "best.pt" if Path(run).is_dir() else Path(run)
-    device = engine.resolve_device(options.device)
+    device = hardware.resolve_device(options.device)
     model, preprocess, base_names, config = load_model(checkpoint, device=device)
     dataset = load_dataset(options.data or config.data.path, name=config.data.dataset,
                            download=config.data.download, progress=options.progress)
@@ -158,7 +159,7 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
     say = print if options.progress else (lambda *_: None)
     num_classes = len(dataset.classes)
     image_size = dataset.train.images.shape[-1]
-    precision = engine.resolve_precision(device, options.precision or config.train.precision)
+    precision = hardware.resolve_precision(device, options.precision or config.train.precision)
     backbone = describe_backbone(model, preprocess, layer=options.layer, image_size=image_size, precision=precision,
                                  checkpoint=str(checkpoint.resolve()))
     extract = partial(extract_features, preprocess=preprocess, layer=options.layer, batch_size=options.batch_size,

@@ -20,7 +20,7 @@ from cifarlab.data.sources import read_images
 from cifarlab.errors import CheckpointError, ConfigError, DataError
 from cifarlab.io import load_tensors, save_tensors
 from cifarlab.train.checkpoint import load_model
-from cifarlab.train.engine import resolve_device
+from cifarlab.hardware import resolve_device
 
 FORMAT = "cifarlab-continual-state/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

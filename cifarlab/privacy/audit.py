@@ -75,7 +75,7 @@ def audit_checkpoint(checkpoint: str | Path, *, data_path: str | None = None, co
     """
     from cifarlab.data.loader import prepare_data
     from cifarlab.train.checkpoint import load_model
-    from cifarlab.train.engine import resolve_device
+    from cifarlab.hardware import resolve_device
 
     if count < 1:
         raise ConfigError(f"count must be >= 1, got {count}")

@@ -35,7 +35,8 @@ from cifarlab.data.loader import BatchLoader, prepare_data
 from cifarlab.errors import ConfigError
 from cifarlab.io import write_text
 from cifarlab.report.run_report import format_table
-from cifarlab.train.engine import fit, resolve_device
+from cifarlab.hardware import resolve_device
+from cifarlab.train.engine import fit
 from cifarlab.train.run import build_model, private_fit_args
 
 COLUMNS = (

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 from cifarlab.config import RunConfig
 from cifarlab.data.loader import BatchLoader, TrainData
 from cifarlab.errors import CifarlabError
+from cifarlab.hardware import autocast_for
 from cifarlab.io import write_text
 from cifarlab.train import distributed
 from cifarlab.train.checkpoint import save_checkpoint
-from cifarlab.train.host_memory import retain_freed_memory
 from cifarlab.train.optim import build_optimizer, build_scheduler
 
 METRIC_COLUMNS = (
@@ -72,39 +72,6 @@ class FitResult:
     summary: dict[str, Any]
     run_dir: Path | None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CifarlabError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise CifarlabError("--device mps was asked for but MPS is not available here; use --device cpu or auto")
-    return torch.device(name)
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """"auto" -> "bf16" on CUDA (no loss scaling needed, unlike fp16), "fp32" elsewhere; other values as given."""
-    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
-
-
-def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast where `resolve_precision` says so, else nothing.
-
-    On CPUs with AVX-512 (BF16) or AMX, oneDNN runs bf16 convolutions about 1.4x faster than fp32 (the fast-cpu
-    recipes ask for it); elsewhere bf16 is emulated and slower, which deserves a warning rather than a silent slow run.
-    """
-    if resolve_precision(device, precision) == "fp32":
-        return contextlib.nullcontext
-    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        warnings.warn("precision bf16 on a CPU without native bf16 support (AVX-512 or AMX) is emulated and slower "
-                      "than fp32; use --precision fp32 on this machine", stacklevel=2)
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def standard_step(*, label_smoothing: float = 0.0, grad_clip: float | None = None) -> TrainStep:
@@ -176,8 +143,6 @@ def fit(
     if eval_from > 1 and run_dir is not None:
         raise ValueError("fit: eval_from > 1 leaves epochs without metrics; it is for runs without a run folder")
     device = data.train.labels.device
-    if device.type == "cpu":
-        retain_freed_memory()  # host tensors are the training's working memory: reuse their pages step to step
     channels_last = train_cfg.channels_last if train_cfg.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)

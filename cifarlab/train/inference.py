@@ -14,7 +14,8 @@ from cifarlab.errors import DataError
 from cifarlab.io import write_json
 from cifarlab.report.metrics import confusion_matrix, per_class_accuracy
 from cifarlab.train.checkpoint import load_model
-from cifarlab.train.engine import autocast_for, evaluate, resolve_device
+from cifarlab.hardware import autocast_for, resolve_device
+from cifarlab.train.engine import evaluate
 
 
 def evaluate_checkpoint(

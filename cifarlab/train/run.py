@@ -24,7 +24,8 @@ from cifarlab.report.metrics import confusion_matrix, per_class_accuracy
 from cifarlab.report.run_report import write_run_report
 from cifarlab.train import distributed
 from cifarlab.train.checkpoint import read_checkpoint
-from cifarlab.train.engine import FitResult, autocast_for, evaluate, fit, resolve_device
+from cifarlab.hardware import autocast_for, resolve_device
+from cifarlab.train.engine import FitResult, evaluate, fit
 
 if TYPE_CHECKING:  # the privacy package imports Opacus: only runs with --dp load it
     from cifarlab.privacy.dpsgd import PrivateTraining

@@ -39,7 +39,8 @@ from cifarlab.models import create_model
 from cifarlab.models.scatter import unfitted_data_norm
 from cifarlab.privacy.accounting import DEFAULT_DELTA
 from cifarlab.train.checkpoint import read_checkpoint
-from cifarlab.train.engine import fit, resolve_device
+from cifarlab.hardware import resolve_device
+from cifarlab.train.engine import fit
 from cifarlab.train.run import init_model_from_data
 from cifarlab.uncertainty.baselines import dropout_layers, predict_mc_dropout
 from cifarlab.uncertainty.evaluate import Predict, evaluate_uncertainty
