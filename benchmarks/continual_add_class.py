@@ -11,16 +11,19 @@ stage by stage, in this process, with the functions `add_class_from_folder` call
 Without --state, a backbone with random weights stands in (the weights do not change the cost): --recipe gives
 the model and its arguments, --model-arg overrides them (e.g. tta=1: mirror test-time augmentation only), and
 the state has learned no class yet; it runs at the recipe's precision unless --precision says otherwise (fast-cpu:
-bf16). `--pythonpath OLD_CHECKOUT` also times the command with that older code (before/after), the two versions
-taking turns so that a change in the machine's load hits both alike; the older code must read the state's format
-(checkouts before feature precision was recorded, 2026-11-23, do not):
+auto, i.e. bf16 where the CPU has it natively). `--pythonpath OTHER_CHECKOUT` also times the command with that
+other copy of the code (to compare two versions), the two taking turns so that a change in the machine's load hits
+both alike; the other copy must read this state's format (one that records the features' precision):
 
-    git archive HEAD | tar -x -C /tmp/before
-    python benchmarks/continual_add_class.py --images ... --model-arg tta=1 --pythonpath /tmp/before
+    git archive <commit> | tar -x -C /tmp/other
+    python benchmarks/continual_add_class.py --images ... --model-arg tta=1 --pythonpath /tmp/other
 
 CPU time counts every thread of a process (and the decoding workers), so on an idle machine it can exceed the
 wall time. On a busy machine both grow, the CPU time too, since threads that wait for a descheduled partner spin:
-time it alone on the machine (through the CPU lock). The figure that matters is the end-to-end wall time.
+time it alone on the machine. The figure that matters is the end-to-end wall time.
+
+Prints the torch version and threads, the backbone, the end-to-end median wall time over --repeats runs, the
+stages' wall and CPU seconds, and the load average. Measured figures: docs/continual.md.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from cifarlab.data.preprocess import fit_preprocessor
 from cifarlab.data.sources import read_images
 from cifarlab.models import create_model
 from cifarlab.train.checkpoint import load_model, save_checkpoint
-from cifarlab.train.engine import resolve_precision
+from cifarlab.hardware import resolve_precision
 
 STARTUP = "import cifarlab.cli, cifarlab.continual.state"  # what `cifarlab continual add` imports
 
@@ -64,7 +67,8 @@ def make_state(folder: Path, recipe: str, overrides: dict[str, object], precisio
     checkpoint = save_checkpoint(folder / "base.pt", config=config, model_state=model.state_dict(),
                                  preprocess=fit_preprocessor("normalize", images).state(),
                                  classes=list("abcde"), epoch=0)
-    model, preprocess, _, _ = load_model(checkpoint)
+    loaded = load_model(checkpoint)
+    model, preprocess = loaded.model, loaded.preprocess
     dim = extract_features(model, images[:2], preprocess=preprocess).shape[1]
     backbone = describe_backbone(model, preprocess, precision=precision, checkpoint=str(checkpoint.resolve()))
     return save_state(folder / "state.pt", ContinualState.empty(backbone, dim))
@@ -115,7 +119,8 @@ def stages(state_path: Path, images_dir: Path, env: dict[str, str]) -> dict[str,
         start = now
 
     state = load_state(state_path)
-    model, preprocess, _, _ = load_model(state.backbone.checkpoint, device="cpu")
+    loaded = load_model(state.backbone.checkpoint, device="cpu")
+    model, preprocess = loaded.model, loaded.preprocess
     saved = state.backbone
     backbone = describe_backbone(model, preprocess, layer=saved.layer, image_size=saved.image_size,
                                  precision=saved.precision, checkpoint=saved.checkpoint)

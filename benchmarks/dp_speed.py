@@ -8,21 +8,17 @@ For each model (prepared for DP: BatchNorm -> GroupNorm, no in-place ops) and on
   plain         forward, backward, SGD step (no privacy);
   opacus-hooks  Opacus's default make_private path: GradSampleModule hooks + DPOptimizer (clip, noise, step);
   opacus-ghost  Opacus fast gradient / ghost clipping (two backward passes);
-  ours          cifarlab.privacy: PrivateTraining.train_step (single-pass book-keeping clipping, Opacus noise);
+  ours          cifarlab.privacy: PrivateTraining.step (single-pass book-keeping clipping, Opacus noise);
 and prints images/s and each step time relative to plain. Timings are the best of `repeats` rounds (the modes
 take turns inside a round), the most stable statistic on a shared machine. Noise, clipping and optimizer
 settings are the same everywhere (sigma=1, C=1, SGD).
 
-Measured alone on the 2-core CPU (session 6; step ms, x plain):
-
-    model     plain        opacus-hooks   opacus-ghost   ours
-    tutorial   16.2         44.9 2.76x     39.8 2.45x     25.1 1.54x   (--per-round 10: 1.61x)
-    cnn       361.5       1977.8 5.47x    821.9 2.27x    464.2 1.28x
-    wrn       441.3       1020.1 2.31x   1323.3 3.00x    610.5 1.38x
-    session 5: ours 1.52x, 1.26x, 1.38x; --no-retain-memory (glibc's default allocator): 1.56x, 1.49x, 2.16x
-    session 7: ours 1.58x, 1.34x, 1.35x; tutorial alone, 3 processes: 1.49x, 1.52x, 1.52x
-    session 8 (compiled kernel for RGB input layers): ours 1.27x, 1.29x, 1.36x; tutorial alone: 1.24x, 1.26x, 1.31x
-    session 8, --models tanh_cnn --repeats 3: ours 1.31x, opacus-hooks 1.88x (408 ms plain)
+Prints one header line (torch version, device, batch, rounds, wall or CPU time, allocator), then per model
+and mode: images/s, step ms and the step time as a multiple of plain. `--skip opacus-ghost` leaves a mode out,
+`--per-round N` times N steps together, `--no-retain-memory` keeps glibc's default allocator, `--cpu-time`
+measures process CPU time instead of wall time. Time it alone on the machine: a second job on the same cores
+slows the threads unevenly.
+Measured figures (2-core AMD EPYC with AVX-512 BF16): docs/privacy.md.
 """
 from __future__ import annotations
 
@@ -44,7 +40,7 @@ from cifarlab.data.sources import Split
 from cifarlab.errors import CifarlabError
 from cifarlab.models import create_model
 from cifarlab.privacy.dpsgd import make_private, prepare_model
-from cifarlab.train.engine import resolve_device
+from cifarlab.hardware import resolve_device
 from cifarlab.train.host_memory import retain_freed_memory
 
 MODELS = {  # name -> create_model arguments
@@ -101,7 +97,7 @@ def step_functions(name: str, batch: int, device: torch.device = torch.device("c
     loader = BatchLoader(fake, batch_size=batch, preprocess=fit_preprocessor("none", fake.images))
     private = make_private(ours_model, torch.optim.SGD(ours_model.parameters(), lr=0.01), loader, epochs=1,
                            max_grad_norm=1.0, noise_multiplier=1.0, accountant="rdp")
-    steps["ours"] = lambda: private.train_step(private.model, private.optimizer, x, y)
+    steps["ours"] = lambda: private.step(private.model, x, y)
     return steps
 
 

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from cifarlab.config import DataConfig
 from cifarlab.data.loader import prepare_data
 from cifarlab.models import create_model
-from cifarlab.train.engine import autocast_for
+from cifarlab.hardware import autocast_for
 
 
 class NotebookDataset(torch.utils.data.Dataset):

@@ -1,4 +1,4 @@
-"""Time-to-accuracy of the fast recipes against the targets of issue 6, appended to a CSV (see cifarlab.train.bench).
+"""Time-to-accuracy of the fast recipes against their time targets, appended to a CSV (see cifarlab.train.bench).
 
     python benchmarks/time_to_accuracy.py --data ../shared/datasets/cifar10-jpeg --recipes fast-cpu,fast-cpu90
     python benchmarks/time_to_accuracy.py --data ... --recipes fast-gpu94,fast-gpu95,fast-gpu96  # the GPU presets
@@ -7,6 +7,11 @@
 Targets: on 2 CPU cores >= 85% test accuracy in <= 10 min and >= 90% in <= 30 min; on one H100 >= 94% in <= 3 s
 (airbench's protocol excludes compilation; here torch.compile time counts, inside the first epoch). 95% and 96%
 have no time target. A row "meets" its target when every seed reached the threshold within the limit.
+
+Prints, per recipe, one row per threshold (seeds that reached it, mean/min/max seconds, mean epoch, final
+accuracy, images/s, peak memory, device), then one verdict per recipe and threshold (limit, worst seed, meets)
+and the CSV path. Measured figures:
+docs/training.md.
 """
 from __future__ import annotations
 

@@ -3,12 +3,13 @@
     cifarlab train --recipe resnet18-adam --data ../shared/datasets/cifar10-jpeg --epochs 5
     cifarlab eval --checkpoint runs/<run>/best.pt --data ...
     cifarlab predict --checkpoint runs/<run>/best.pt cat.png
-    cifarlab data show | data download | models | recipes | compare runs/a runs/b
+    cifarlab data show | data download | models | recipes | env | compare runs/a runs/b
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +17,9 @@ import torch
 import yaml
 
 from cifarlab import __version__
-from cifarlab.config import ACCOUNTANTS, DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, RunConfig, list_recipes, load_recipe, merge
+from cifarlab.config import (ACCOUNTANTS, CONTINUAL_METHODS, DECAYED, DEFAULT_DELTA, DEVICES, OPTIMIZERS, PRECISIONS,
+                             PRIORS, SCHEDULES, UNCERTAINTY_METHODS, ContinualConfig, RunConfig, UncertaintyConfig,
+                             list_recipes, load_recipe, merge)
 from cifarlab.data.augment import PAD_MODES
 from cifarlab.data.preprocess import PREPROCESSORS
 from cifarlab.errors import CifarlabError, ConfigError
@@ -38,10 +41,11 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--classes", "data.classes", "int_list", "keep only these class indices, e.g. 0-4 or 0,3,5"),
     ("--input-size", "data.input_size", int, "resize inputs to N x N on the device (training, evaluation, features)"),
     ("--model", "model.name", str, "model name (see `cifarlab models`)"),
-    ("--optimizer", "optim.optimizer", OPTIMIZERS[:3], "optimizer"),
+    ("--optimizer", "optim.optimizer", OPTIMIZERS, "optimizer"),
     ("--lr", "optim.lr", float, "base learning rate"),
     ("--momentum", "optim.momentum", float, "SGD momentum"),
     ("--weight-decay", "optim.weight_decay", float, "weight decay (L2)"),
+    ("--weight-decay-on", "optim.weight_decay_on", DECAYED, "all parameters, or weights only (not norm layers, biases)"),
     ("--schedule", "optim.schedule", SCHEDULES, "learning-rate schedule"),
     ("--step-size", "optim.step_size", int, "epochs between lr drops (schedule step)"),
     ("--gamma", "optim.gamma", float, "lr drop factor (step, multistep)"),
@@ -54,11 +58,11 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--eval-batch-size", "train.eval_batch_size", int, "evaluation batch size"),
     ("--seed", "train.seed", int, "random seed (same seed, same numbers on CPU)"),
     ("--device", "train.device", DEVICES, "where to train"),
-    ("--precision", "train.precision", PRECISIONS, "auto: bf16 autocast on CUDA"),
+    ("--precision", "train.precision", PRECISIONS, "auto: bf16 where the hardware runs it natively (see `cifarlab env`)"),
     ("--out", "train.out", str, "run folder (default runs/<timestamp>-<model>)"),
     ("--target-epsilon", "dp.target_epsilon", float, "DP: solve the noise multiplier for this epsilon"),
     ("--noise-multiplier", "dp.noise_multiplier", float, "DP: noise multiplier sigma (epsilon is reported)"),
-    ("--delta", "dp.delta", float, "DP: delta (default 1e-5, must be < 1/N)"),
+    ("--delta", "dp.delta", float, f"DP: delta (default {DEFAULT_DELTA}, must be < 1/N)"),
     ("--max-grad-norm", "dp.max_grad_norm", float, "DP: per-sample clipping norm C"),
     ("--accountant", "dp.accountant", ACCOUNTANTS, "DP: privacy accountant"),
     ("--augmult", "dp.augmult", int, "DP: augmented views per example (De et al. 2022)"),
@@ -75,29 +79,85 @@ _SWITCH_FLAGS: list[tuple[str, str, str]] = [
     ("--progress", "train.progress", "show a progress bar"),
     ("--dp", "dp.enabled", "train with DP-SGD (see --target-epsilon, --noise-multiplier)"),
     ("--poisson", "dp.poisson", "DP: Poisson sampling (the guarantee assumes it)"),
+    ("--tensorboard", "train.tensorboard", "write each epoch's metrics as TensorBoard event files in the run folder"),
 ]
 
 
-def add_training_flags(parser: argparse.ArgumentParser) -> None:
+@dataclass(frozen=True)
+class _Repeated:
+    """A flag given once per value (e.g. --method lda --method ncm), each one of `choices`."""
+
+    choices: tuple[str, ...]
+
+
+# The sections only one command reads, flags as in _VALUE_FLAGS / _SWITCH_FLAGS (a flag may have several spellings).
+_SECTION_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, Any, str]]] = {
+    "uncertainty": [
+        ("--method", "uncertainty.method", UNCERTAINTY_METHODS, f"method (default {UncertaintyConfig.method})"),
+        ("--members", "uncertainty.members", int, f"ensemble size (default {UncertaintyConfig.members}; sine: its own)"),
+        ("--passes", "uncertainty.passes", int,
+         f"MC dropout test-time passes (default {UncertaintyConfig.passes}; sine: its own)"),
+        ("--temperature", "uncertainty.temperature", float,
+         f"SGLD posterior temperature (default {UncertaintyConfig.temperature:g})"),
+        ("--sgld-lr", "uncertainty.sgld_lr", float, "SGLD step size (default: --lr)"),
+        ("--burn-in", "uncertainty.burn_in", int, "SGLD epochs before the first sample (default: half)"),
+        ("--thin", "uncertainty.thin", int, f"SGLD epochs between samples (default {UncertaintyConfig.thin})"),
+        ("--keep", "uncertainty.keep", ("disk", "memory"), "SGLD samples as checkpoints or in memory"),
+        ("--corruption-images", "uncertainty.corruption_images", int,
+         f"test images per corruption set (default {UncertaintyConfig.corruption_images})"),
+    ],
+    "continual": [
+        ("--base-classes", "continual.base_classes", "int_list", "classes the backbone is trained on, e.g. 0-4"),
+        (("--increments", "--order"), "continual.order", "int_list",
+         "order of the new classes, e.g. 5,6,7,8,9 (default: the rest, ascending)"),
+        ("--group-size", "continual.group_size", int, f"classes added per step (default {ContinualConfig.group_size})"),
+        ("--method", "continual.methods", _Repeated(CONTINUAL_METHODS),
+         "classifier(s) to compare (repeatable; default all)"),
+        ("--shrinkage", "continual.shrinkage", str,
+         f"covariance shrinkage in [0, 1], or oas (default {ContinualConfig.shrinkage:g})"),
+        ("--class-shrinkage", "continual.class_shrinkage", float,
+         f"qda-shrink: weight of the shared covariance (default {ContinualConfig.class_shrinkage})"),
+        ("--prior", "continual.prior", PRIORS, f"class prior (default {ContinualConfig.prior})"),
+        ("--layer", "continual.layer", str, "feature layer (module name; default: the penultimate features)"),
+        ("--finetune-epochs", "continual.finetune_epochs", int,
+         f"naive fine-tuning baseline epochs (0: skip; default {ContinualConfig.finetune_epochs})"),
+        ("--continual-out", "continual.out", str, "output folder (default <base run>/continual)"),
+    ],
+}
+_SECTION_SWITCHES: dict[str, list[tuple[str, str, str]]] = {
+    "continual": [("--joint", "continual.joint", "also train the joint upper bound on all classes")],
+}
+
+
+def add_training_flags(parser: argparse.ArgumentParser, *, section: str | None = None) -> None:
+    """The flags of every config field, plus those of the command's own `section` (uncertainty, continual)."""
     parser.add_argument("--recipe", help="recipe name (see `cifarlab recipes`) or a YAML file, e.g. a run's config.yaml")
     parser.add_argument("--resume", help="continue a killed run from its folder (or its last.pt)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="model constructor argument")
-    for flag, key, kind, help_text in _VALUE_FLAGS:
-        if isinstance(kind, tuple):
-            parser.add_argument(flag, dest=key, choices=kind, help=help_text)
+    for flag, key, kind, help_text in _VALUE_FLAGS + _SECTION_FLAGS.get(section, []):
+        flags = (flag,) if isinstance(flag, str) else flag
+        if isinstance(kind, _Repeated):
+            parser.add_argument(*flags, dest=key, action="append", choices=kind.choices, help=help_text)
+        elif isinstance(kind, tuple):
+            parser.add_argument(*flags, dest=key, choices=kind, help=help_text)
         else:
-            metavar = flag.lstrip("-").upper().replace("-", "_")
+            metavar = flags[0].lstrip("-").upper().replace("-", "_")
             parser.add_argument(
-                flag, dest=key, type=_int_list if kind == "int_list" else kind, metavar=metavar, help=help_text
+                *flags, dest=key, type=_int_list if kind == "int_list" else kind, metavar=metavar, help=help_text
             )
-    for flag, key, help_text in _SWITCH_FLAGS:
+    for flag, key, help_text in _SWITCH_FLAGS + _SECTION_SWITCHES.get(section, []):
         parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Recipe (or defaults) overlaid with the flags the user gave, validated once."""
     base = load_recipe(args.recipe) if args.recipe else {}
-    return RunConfig.from_dict(merge(base, _flag_overrides(args)), source=args.recipe or "flags")
+    config = RunConfig.from_dict(merge(base, _flag_overrides(args)), source=args.recipe or "flags")
+    if config.train.tensorboard:  # an optional dependency: missing, say so before the data loads
+        from cifarlab.train.tracking import require_tensorboard
+
+        require_tensorboard()
+    return config
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,6 +229,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         "train time": f"{s['train_seconds']:.0f} s",
         "images/s": f"{s['images_per_second']:.0f}",
         "device": s["device"],
+        "precision": s["precision"],
     }
     print(format_table([row], list(row)))
 
@@ -244,6 +305,12 @@ def cmd_recipes(args: argparse.Namespace) -> None:
         print(f"{name:22s} {description}")
 
 
+def cmd_env(args: argparse.Namespace) -> None:
+    from cifarlab.environment import gather_environment
+
+    print(gather_environment(threads=args.threads, data=args.data).format())
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from cifarlab.report.run_report import compare_runs
 
@@ -263,30 +330,17 @@ def cmd_continual(args: argparse.Namespace) -> None:
                                       device=args.__dict__["train.device"] or "auto")  # fmt: skip
         print(f"{args.state}: learned {args.class_name!r}; classes now {', '.join(state.classes)}")
         return
-    from cifarlab.continual.classifiers import MethodOptions
-    from cifarlab.continual.protocol import ProtocolOptions, run_continual, run_protocol, summary_table
+    from cifarlab.continual.protocol import protocol_options, run_continual, run_protocol, summary_table
 
-    shrinkage = args.shrinkage if args.shrinkage == "oas" else float(args.shrinkage)
-    options = ProtocolOptions(
-        order=tuple(args.increments) if args.increments else None,
-        group_size=args.group_size,
-        methods=tuple(args.method) if args.method else ProtocolOptions.methods,
-        method_options=MethodOptions(shrinkage=shrinkage, class_shrinkage=args.class_shrinkage, prior=args.prior),
-        layer=args.layer,
-        finetune_epochs=args.finetune_epochs,
-        joint=args.joint,
-        data=args.__dict__["data.path"],
-        device=args.__dict__["train.device"] or "auto",
-        precision=args.__dict__["train.precision"] if args.run else None,  # else the run trained from these flags
-        out=args.continual_out,
-        progress=args.__dict__["train.progress"] is not False,
-    )
+    config = config_from_args(args)
+    # With --run the backbone computes in the base run's precision unless --precision says otherwise.
+    options = protocol_options(config, precision=args.__dict__["train.precision"] if args.run else None)
     if args.run:
         summary = run_protocol(args.run, options)
     else:
-        if not args.base_classes:
+        if not config.continual.base_classes:
             raise ConfigError("cifarlab continual needs --base-classes (to train a backbone) or --run (to reuse one)")
-        summary = run_continual(config_from_args(args), args.base_classes, options)
+        summary = run_continual(config, config.continual.base_classes, options)
     print(summary_table(summary))
 
 
@@ -297,8 +351,9 @@ def cmd_uncertainty(args: argparse.Namespace) -> None:
     if args.action == "sine":
         from cifarlab.uncertainty.sine import SineConfig, run_sine
 
-        fields = {"method": args.method, "epochs": args.__dict__["train.epochs"], "seed": args.__dict__["train.seed"],
-                  "chains": args.chains, "members": args.members, "passes": args.passes}  # fmt: skip
+        flag = args.__dict__
+        fields = {"method": flag["uncertainty.method"], "epochs": flag["train.epochs"], "seed": flag["train.seed"],
+                  "chains": args.chains, "members": flag["uncertainty.members"], "passes": flag["uncertainty.passes"]}
         config = SineConfig(**{k: v for k, v in fields.items() if v is not None})
         out = args.__dict__["train.out"] or f"runs/sine-{config.method}"
         summary = run_sine(config, out=out)
@@ -313,11 +368,9 @@ def cmd_uncertainty(args: argparse.Namespace) -> None:
     elif args.action == "compare":
         runs = args.runs
     else:
-        fields = {"method": args.method, "members": args.members, "passes": args.passes, "temperature": args.temperature,
-                  "sgld_lr": args.sgld_lr, "burn_in": args.burn_in, "thin": args.thin, "keep": args.keep,
-                  "noise_multiplier": args.__dict__["dp.noise_multiplier"], "corruption_images": args.corruption_images}
-        options = uncertainty.UncertaintyConfig(**{k: v for k, v in fields.items() if v is not None})
-        summary = uncertainty.train_uncertainty(config_from_args(args), options)
+        if args.__dict__["dp.noise_multiplier"] is not None:  # sgld-dp's sigma, spelled as DP-SGD's
+            args.__dict__["uncertainty.noise_multiplier"] = args.__dict__["dp.noise_multiplier"]
+        summary = uncertainty.train_uncertainty(config_from_args(args))
         runs = [summary["run_dir"]]
     print(format_table(uncertainty.comparison_rows(runs), list(uncertainty.COMPARISON_COLUMNS)))
 
@@ -377,21 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("continual", cmd_continual, "class-incremental learning with Gaussian feature classifiers")
     sub.add_argument("action", nargs="?", choices=("run", "add"), default="run",
                      help="run: the protocol (default); add: learn one class into a saved state")  # fmt: skip
-    add_training_flags(sub)
+    add_training_flags(sub, section="continual")
     sub.add_argument("--run", help="reuse a trained base run (folder or checkpoint) instead of training one")
-    sub.add_argument("--base-classes", type=_int_list, help="classes the backbone is trained on, e.g. 0-4")
-    sub.add_argument("--increments", "--order", dest="increments", type=_int_list,
-                     help="order of the new classes, e.g. 5,6,7,8,9 (default: the rest, ascending)")
-    sub.add_argument("--group-size", type=int, default=1, help="classes added per step")
-    sub.add_argument("--method", action="append", choices=("lda", "qda-shrink", "ncm", "slda"),
-                     help="classifier(s) to compare (repeatable; default all)")
-    sub.add_argument("--shrinkage", default="1e-4", help="covariance shrinkage in [0, 1], or oas")
-    sub.add_argument("--class-shrinkage", type=float, default=0.9, help="qda-shrink: weight of the shared covariance")
-    sub.add_argument("--prior", choices=("uniform", "empirical"), default="uniform")
-    sub.add_argument("--layer", help="feature layer (module name; default: the penultimate features)")
-    sub.add_argument("--finetune-epochs", type=int, default=1, help="naive fine-tuning baseline epochs (0: skip)")
-    sub.add_argument("--joint", action="store_true", help="also train the joint upper bound on all classes")
-    sub.add_argument("--continual-out", help="output folder (default <base run>/continual)")
     sub.add_argument("--state", help="add: the saved classifier state (state.pt)")
     sub.add_argument("--class-name", help="add: name of the new class")
     sub.add_argument("--images", help="add: folder of the new class's images")
@@ -410,29 +450,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("action", choices=("sine", "train", "eval", "compare"),
                      help="sine: the 1-D regression demo; train: a CIFAR run; eval: re-evaluate --run; compare RUN...")
     sub.add_argument("runs", nargs="*", help="compare: uncertainty run folders")
-    add_training_flags(sub)
-    sub.add_argument("--method", choices=("none", "mc-dropout", "ensemble", "sgld", "sgld-dp"), default="sgld")
+    add_training_flags(sub, section="uncertainty")
     sub.add_argument("--run", help="eval: the run folder")
-    sub.add_argument("--members", type=int, help="ensemble size (default 4; sine: 5)")
-    sub.add_argument("--passes", type=int, help="MC dropout test-time passes (default 30; sine: 100)")
-    sub.add_argument("--chains", type=int, help="sine: SGLD chains pooled (default 4)")
-    sub.add_argument("--temperature", type=float, help="SGLD posterior temperature (default 1)")
-    sub.add_argument("--sgld-lr", type=float, help="SGLD step size (default: --lr)")
-    sub.add_argument("--burn-in", type=int, help="SGLD epochs before the first sample (default: half)")
-    sub.add_argument("--thin", type=int, help="SGLD epochs between samples (default 1)")
-    sub.add_argument("--keep", choices=("disk", "memory"), help="SGLD samples as checkpoints or in memory")
-    sub.add_argument("--corruption-images", type=int, help="test images per corruption set (default 1000)")
+    sub.add_argument("--chains", type=int, help="sine: SGLD chains pooled")
 
     command("models", cmd_models, "list the registered models")
     sub = command("bench", cmd_bench, "time-to-accuracy of a recipe over seeds: a table, rows appended to a CSV")
     add_training_flags(sub)
-    sub.add_argument("--seeds", type=int, default=3, help="train with seeds seed, seed+1, ... (default 3 runs)")
+    sub.add_argument("--seeds", type=int, default=3, help="train with seeds seed, seed+1, ... (default %(default)s runs)")
     sub.add_argument("--thresholds", type=_float_list, default=[0.85, 0.90], help="test accuracies, e.g. 0.85,0.90")
     sub.add_argument("--csv", default="bench.csv", help="CSV the rows are appended to")
     sub.add_argument("--eval-from", type=int, default=1,
                      help="evaluate the test set from this epoch on (saves wall time; times become upper bounds)")
 
     command("recipes", cmd_recipes, "list the recipes")
+    sub = command("env", cmd_env, "versions, devices, precision and threads, data cache and datasets: for bug reports")
+    sub.add_argument("--data", help="also look for datasets in this folder or archive")
     sub = command("compare", cmd_compare, "compare run folders: one table + overlaid curves PNG")
     sub.add_argument("runs", nargs="+", help="run folders")
     sub.add_argument("--out", default=".", help="folder for compare.png")

@@ -14,18 +14,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifarlab.data.augment import PAD_MODES
-from cifarlab.data.preprocess import PREPROCESSORS, check_input_size
 from cifarlab.errors import ConfigError
 from cifarlab.io import read_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # inside the package: wheels and sdists ship them
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "sgld")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DECAYED = ("all", "weights")  # optim.weight_decay_on: every parameter, or weights only (not norm layers, biases)
 SCHEDULES = ("constant", "step", "multistep", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("rdp", "prv")  # Opacus accountants (cifarlab.privacy.accounting)
+DEFAULT_ACCOUNTANT = "prv"  # the tighter of the two; see cifarlab.privacy.accounting
+DEFAULT_DELTA = 1e-5
+# Data normalisation under DP (cifarlab.privacy.datanorm): T&B's noise multiplier for the statistics' one release,
+# and the L2 bound on each example's moments. On GroupNorm-ed ScatterNet features (243 channels of order 1) the
+# moment vectors have norms of 21-28 (median 21, max 28 over 500 JPEG-copy training images), so C = 30 leaves them
+# unclipped; the noise on each averaged moment is then sigma * C / N = 0.005 for N = 50,000, against channel
+# variances of 0.05 and more.
+DEFAULT_DATA_NORM_NOISE = 8.0
+DEFAULT_DATA_NORM_CLIP = 30.0
+PREPROCESSORS = ("normalize", "mean", "zca", "gcn_zca", "none")  # fitted by cifarlab.data.preprocess
+PAD_MODES = ("zero", "reflect")  # of cifarlab.data.augment's random crop
+MIN_INPUT_SIZE = 8  # the CIFAR networks halve the resolution up to three times
+UNCERTAINTY_METHODS = ("none", "mc-dropout", "ensemble", "sgld", "sgld-dp")
+SAMPLING_METHODS = ("sgld", "sgld-dp")  # train posterior samples with a training variant of their own
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "brightness")  # uncertainty.ood's
+SEVERITIES = (1, 2, 3, 4, 5)
+CONTINUAL_METHODS = ("lda", "qda-shrink", "ncm", "slda")  # cifarlab.continual.classifiers.METHODS
+PRIORS = ("uniform", "empirical")  # class priors of the continual classifiers
 
 
 @dataclass
@@ -77,6 +94,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    weight_decay_on: str = "all"  # or "weights": no decay on parameters with < 2 dims (norm layers, biases)
     schedule: str = "cosine"
     step_size: int = 30  # epochs between divisions by 1/gamma ("step")
     gamma: float = 0.1
@@ -88,6 +106,7 @@ class OptimConfig:
     def validate(self) -> None:
         _choice("optim.optimizer", self.optimizer, OPTIMIZERS)
         _choice("optim.schedule", self.schedule, SCHEDULES)
+        _choice("optim.weight_decay_on", self.weight_decay_on, DECAYED)
         _positive("optim.lr", self.lr)
         _at_least("optim.weight_decay", self.weight_decay, 0)
         _at_least("optim.warmup_epochs", self.warmup_epochs, 0)
@@ -112,6 +131,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (GPU)
     out: str | None = None  # run folder; default runs/<timestamp>-<model>
     progress: bool = True
+    tensorboard: bool = False  # also write each epoch's metrics as TensorBoard event files (cifarlab.train.tracking)
 
     def validate(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
@@ -128,17 +148,17 @@ class DPConfig:
     enabled: bool = False
     target_epsilon: float | None = None  # solve for the noise multiplier ...
     noise_multiplier: float | None = None  # ... or give it and get epsilon reported
-    delta: float | None = None  # None: 1e-5 (checked against 1/N)
+    delta: float | None = None  # None: DEFAULT_DELTA (checked against 1/N)
     max_grad_norm: float = 1.0
-    accountant: str = "prv"
+    accountant: str = DEFAULT_ACCOUNTANT
     poisson: bool = True  # the guarantee assumes Poisson sampling
     augmult: int = 1  # augmented views per example, averaged before clipping (De et al. 2022)
     ema: float | None = None  # parameter EMA decay for evaluation
     physical_batch_size: int | None = None  # micro-batch bound for large logical batches
     # Models with data normalisation: the noise multiplier of its one private release and the L2 bound on each
-    # example's moments; the defaults are cifarlab.privacy.datanorm's (not imported here: it loads Opacus).
-    data_norm_noise: float = 8.0
-    data_norm_clip: float = 30.0
+    # example's moments.
+    data_norm_noise: float = DEFAULT_DATA_NORM_NOISE
+    data_norm_clip: float = DEFAULT_DATA_NORM_CLIP
 
     def validate(self) -> None:
         if not self.enabled:
@@ -163,6 +183,80 @@ class DPConfig:
 
 
 @dataclass
+class UncertaintyConfig:
+    """Predictive uncertainty (`cifarlab uncertainty train`, cifarlab.uncertainty.train); `train` ignores it."""
+
+    method: str = "sgld"
+    members: int = 4  # ensemble (4: the uncertainty-baselines anchor)
+    passes: int = 30  # mc-dropout test-time passes
+    temperature: float = 1.0  # sgld, sgld-dp: 1 is the Bayes posterior, < 1 a cold one
+    # sgld, sgld-dp: step size (None: optim.lr). SGD's momentum m moves weights 1 / (1 - m) times further per
+    # step, but SGLD without momentum at lr / (1 - m) stalled the cnn (tested at 0.5): set it per model.
+    sgld_lr: float | None = None
+    burn_in: int | None = None  # sgld, sgld-dp: epochs before the first sample; None: half of them
+    thin: int = 1  # sgld: epochs between samples
+    keep: str = "disk"  # sgld: samples as checkpoints in samples/ ("disk") or only in memory ("memory")
+    noise_multiplier: float = 1.0  # sgld-dp: sigma; sets the clipping norm C with lr and batch size
+    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
+    severities: list[int] = field(default_factory=lambda: list(SEVERITIES))
+    corruption_images: int | None = 1000  # test images per corruption set (each costs one prediction pass)
+
+    def validate(self, *, epochs: int) -> None:
+        if self.method not in UNCERTAINTY_METHODS:
+            raise ConfigError(f"unknown uncertainty method {self.method!r}; valid: {', '.join(UNCERTAINTY_METHODS)}")
+        for name in ("members", "passes", "thin"):
+            _at_least(f"uncertainty.{name}", getattr(self, name), 1)
+        if self.method in SAMPLING_METHODS and not 0 <= self.burn_in_epochs(epochs) < epochs:
+            raise ConfigError(f"uncertainty.burn_in ({self.burn_in}) must leave at least one of the {epochs} epochs "
+                              "to sample")
+        _choice("uncertainty.keep", self.keep, ("disk", "memory"))
+        _positive("uncertainty.temperature", self.temperature)
+        _positive("uncertainty.noise_multiplier", self.noise_multiplier)
+        if self.sgld_lr is not None:
+            _positive("uncertainty.sgld_lr", self.sgld_lr)
+        for name in self.corruptions:
+            _choice("uncertainty.corruptions: corruption", name, CORRUPTIONS)
+        for severity in self.severities:
+            if severity not in SEVERITIES:
+                raise ConfigError(f"uncertainty.severities must be among {SEVERITIES}, got {self.severities}")
+        if self.corruption_images is not None:
+            _at_least("uncertainty.corruption_images", self.corruption_images, 1)
+
+    def burn_in_epochs(self, epochs: int) -> int:
+        return epochs // 2 if self.burn_in is None else self.burn_in
+
+
+@dataclass
+class ContinualConfig:
+    """Class-incremental learning (`cifarlab continual`, cifarlab.continual.protocol); `train` ignores it."""
+
+    base_classes: list[int] | None = None  # the backbone's classes (None: `--run` reuses a trained base run)
+    order: list[int] | None = None  # the increments' classes in order (None: the rest, ascending)
+    group_size: int = 1  # classes per increment
+    methods: list[str] = field(default_factory=lambda: list(CONTINUAL_METHODS))
+    shrinkage: float | str = 1e-4  # covariance shrinkage in [0, 1] (Deep SLDA's value), or "oas"
+    class_shrinkage: float = 0.9  # qda-shrink: weight of the shared covariance in each class's
+    prior: str = "uniform"
+    layer: str | None = None  # feature layer (module name; None: the penultimate features)
+    finetune_epochs: int = 1  # naive fine-tuning baseline epochs per increment (0: skip it)
+    joint: bool = False  # also train the joint upper bound on all classes
+    out: str | None = None  # output folder (None: <base run>/continual)
+
+    def validate(self) -> None:
+        for method in self.methods:
+            _choice("continual.methods: method", method, CONTINUAL_METHODS)
+        if not self.methods:
+            raise ConfigError(f"continual.methods is empty; valid: {', '.join(CONTINUAL_METHODS)}")
+        if self.shrinkage != "oas" and (isinstance(self.shrinkage, str) or not 0 <= self.shrinkage <= 1):
+            raise ConfigError(f"continual.shrinkage must be a number in [0, 1] or 'oas', got {self.shrinkage!r}")
+        if not 0 <= self.class_shrinkage <= 1:
+            raise ConfigError(f"continual.class_shrinkage must be in [0, 1], got {self.class_shrinkage}")
+        _choice("continual.prior", self.prior, PRIORS)
+        _at_least("continual.group_size", self.group_size, 1)
+        _at_least("continual.finetune_epochs", self.finetune_epochs, 0)
+
+
+@dataclass
 class RunConfig:
     recipe: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -170,6 +264,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "RunConfig":
@@ -181,6 +277,8 @@ class RunConfig:
     def validate(self) -> None:
         for part in (self.data, self.model, self.optim, self.train, self.dp):
             part.validate()
+        self.uncertainty.validate(epochs=self.train.epochs)
+        self.continual.validate()
         if self.dp.enabled and self.train.compile:
             raise ConfigError("train.compile cannot be combined with dp: the per-example gradient hooks are not compile-safe")
         if self.optim.schedule == "multistep" and not self.optim.milestones:
@@ -263,14 +361,19 @@ _SCALARS: dict[type, tuple[tuple[type, ...], str]] = {
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against a simple type hint (int/float/bool/str, Optional, list[int], dict)."""
+    """Check `value` against a simple type hint (int/float/bool/str, Optional, unions of these, list[int], dict)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        (hint,) = [option for option in options if option is not type(None)]
-        return _coerce(value, hint, where)
+        *first, last = [option for option in options if option is not type(None)]
+        for option in first:  # the first that accepts the value, e.g. float before str for "1e-4"
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                pass
+        return _coerce(value, last, where)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
@@ -289,6 +392,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if not isinstance(value, accepted) or (hint is not bool and isinstance(value, bool)):
         raise ConfigError(f"{where} must be {description}, got {value!r}")
     return hint(value)
+
+
+def check_input_size(name: str, size: int | None) -> None:
+    """ConfigError unless `size` is None (no resize) or an integer >= MIN_INPUT_SIZE."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < MIN_INPUT_SIZE):
+        raise ConfigError(f"{name} must be an integer >= {MIN_INPUT_SIZE} (pixels per side) or unset, got {size!r}")
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:

@@ -1,11 +1,13 @@
 """Atomic file writes and safe loads: a crash or a full disk never leaves half a file behind."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -32,6 +34,16 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    """A header of `columns`, then one line per row; None and missing cells are left empty, a key outside
+    `columns` is a ValueError."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
+    return write_text(path, buffer.getvalue())
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from cifarlab import hardware
 from cifarlab.cli import main
 from cifarlab.train import inference
 from cifarlab.train.checkpoint import read_checkpoint
@@ -75,9 +77,9 @@ def test_a_run_trained_at_64_pixels_evaluates_and_predicts_at_64(small_cifar: Pa
     load = inference.load_model
 
     def load_and_watch(*args, **kwargs):
-        model, *rest = load(*args, **kwargs)
-        model.register_forward_pre_hook(lambda module, inputs: seen.add(tuple(inputs[0].shape[-2:])))
-        return (model, *rest)
+        loaded = load(*args, **kwargs)
+        loaded.model.register_forward_pre_hook(lambda module, inputs: seen.add(tuple(inputs[0].shape[-2:])))
+        return loaded
 
     monkeypatch.setattr(inference, "load_model", load_and_watch)
     report = tmp_path / "eval.json"
@@ -211,3 +213,32 @@ def test_dp_training_reports_its_privacy_and_can_be_audited(small_cifar: Path, t
     assert main(["eval", "--checkpoint", str(out), "--data", str(small_cifar), "--device", "cpu"]) == 0
     assert main(["privacy", "audit", "--checkpoint", str(out), "--count", "100"]) == 0  # default device: auto
     assert "auc" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "x"])
+def test_a_bad_thread_count_is_refused_before_any_work(value, capsys, monkeypatch):
+    # the data path does not exist either: the thread count must be the error reported
+    assert main(["train", "--threads", value, "--data", "/nonexistent/cifar", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--threads must be a whole number of threads >= 1, got {value!r}" in err and "/nonexistent" not in err
+    monkeypatch.setenv(hardware.THREADS_ENV, value)
+    assert main(["recipes"]) == 2
+    assert f"${hardware.THREADS_ENV} must be a whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cpu, precision", [
+    (hardware.CpuInfo(model="AVX2 only", flags=frozenset({"avx2"})), "fp32"),
+    (hardware.CpuInfo(model="with AMX", flags=frozenset({"avx2", "avx512f", "amx_bf16"})), "bf16"),
+], ids=["avx2", "amx"])  # fmt: skip
+def test_train_records_and_prints_the_precision_auto_chose(cpu, precision, small_cifar: Path, tmp_path: Path,
+                                                            monkeypatch, capsys):
+    monkeypatch.setattr(hardware, "cpu_info", lambda: cpu)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(small_cifar), "--model", "tutorial", "--epochs", "1", "--train-subset", "100",
+                 "--test-subset", "50", "--batch-size", "50", "--device", "cpu", "--no-progress", "--threads", "1",
+                 "--out", str(out)]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    expected = hardware.choose_precision(torch.device("cpu"), "auto")
+    assert (summary["precision"], summary["precision_reason"]) == (precision, expected.reason)
+    header, _, row = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert header.split()[-1] == "precision" and row.split()[-1] == precision

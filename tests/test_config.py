@@ -69,3 +69,48 @@ def test_merge_overlays_without_mutating_inputs():
 
 def test_recipes_live_inside_the_package():
     assert RECIPES_DIR == Path(__file__).resolve().parents[1] / "cifarlab" / "recipes"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"optim": {"optimizer": "sgld"}}, "optim.optimizer 'sgld' is not valid"),  # SGLD is a training variant
+        ({"optim": {"weight_decay_on": "convs"}}, "optim.weight_decay_on 'convs' is not valid"),
+        ({"uncertainty": {"method": "swag"}}, "valid: none, mc-dropout, ensemble, sgld, sgld-dp"),
+        ({"uncertainty": {"burn_in": 30}}, "burn_in"),
+        ({"uncertainty": {"corruptions": ["fog"]}}, "corruption 'fog' is not valid"),
+        ({"uncertainty": {"severities": [6]}}, "severities must be among"),
+        ({"continual": {"methods": ["svm"]}}, "method 'svm' is not valid"),
+        ({"continual": {"shrinkage": "ledoit"}}, "number in \\[0, 1\\] or 'oas'"),
+        ({"continual": {"shrinkage": 2.0}}, "number in \\[0, 1\\] or 'oas'"),
+        ({"continual": {"prior": "zipf"}}, "continual.prior 'zipf' is not valid"),
+    ],
+)
+def test_section_values_are_checked(values, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict(values)
+
+
+def test_uncertainty_and_continual_sections_round_trip_from_a_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("uncertainty: {method: sgld-dp, temperature: 0.5, burn_in: 2}\n"
+                    "continual: {base_classes: [0, 1], shrinkage: 1e-3, methods: [lda]}\n")
+    config = RunConfig.from_dict(load_recipe(str(path)))
+    section = config.uncertainty
+    assert (section.method, section.temperature, section.burn_in) == ("sgld-dp", 0.5, 2)
+    assert config.continual.shrinkage == pytest.approx(1e-3) and config.continual.base_classes == [0, 1]
+    assert RunConfig.from_dict({"continual": {"shrinkage": "oas"}}).continual.shrinkage == "oas"
+    assert RunConfig.from_dict(config.to_dict()) == config
+    assert RunConfig.from_dict({}).optim.weight_decay_on == "all"  # every recipe decays every parameter
+
+
+def test_names_defined_in_config_are_the_ones_the_layers_above_implement():
+    from cifarlab import config
+    from cifarlab.continual.classifiers import METHODS, PRIORS
+    from cifarlab.data.augment import PAD_MODES
+    from cifarlab.data.preprocess import _BUFFERS
+    from cifarlab.uncertainty.ood import CORRUPTIONS, SEVERITIES
+
+    assert tuple(_BUFFERS) == config.PREPROCESSORS and PAD_MODES == config.PAD_MODES
+    assert tuple(CORRUPTIONS) == config.CORRUPTIONS and SEVERITIES == config.SEVERITIES
+    assert tuple(METHODS) == config.CONTINUAL_METHODS and tuple(PRIORS) == config.PRIORS

@@ -33,7 +33,8 @@ def _checkpoint(path, seed: int):
 def saved(tmp_path):
     """A state that learned classes a and b with the backbone of checkpoint base.pt."""
     ckpt = _checkpoint(tmp_path / "base.pt", seed=0)
-    model, preprocess, _, _ = load_model(ckpt)
+    loaded = load_model(ckpt)
+    model, preprocess = loaded.model, loaded.preprocess
     backbone = describe_backbone(model, preprocess, checkpoint=str(ckpt))
     state = ContinualState.empty(backbone, 84)
     for name, seed in (("a", 1), ("b", 2)):
@@ -106,7 +107,8 @@ def test_a_folder_of_jpegs_gives_bit_for_bit_the_protocols_statistics(small_cifa
         config = RunConfig.from_dict({"model": {"name": "fast", "args": {**args, "tta": tta}}})
         save_checkpoint(tmp_path / name, config=config.to_dict(), model_state=model.state_dict(),
                         preprocess=preprocess.state(), classes=["a", "b"], epoch=0)
-    model, preprocess, _, _ = load_model(tmp_path / "mirror.pt")
+    loaded = load_model(tmp_path / "mirror.pt")
+    model, preprocess = loaded.model, loaded.preprocess
     backbone = describe_backbone(model, preprocess, checkpoint=str(tmp_path / "mirror.pt"))
     path = save_state(tmp_path / "state.pt", ContinualState.empty(backbone, 16))
     dataset = load_dataset(str(small_cifar), progress=False)

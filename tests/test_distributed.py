@@ -7,36 +7,17 @@ import socket
 import pytest
 import torch
 
+from helpers import brightest_channel_data
 from cifarlab.config import RunConfig
-from cifarlab.data.augment import Augment
 from cifarlab.data.loader import BatchLoader, TrainData
-from cifarlab.data.preprocess import fit_preprocessor
-from cifarlab.data.sources import Split
 from cifarlab.models import create_model
 from cifarlab.train import distributed, engine
 from cifarlab.train.engine import fit
 
 
 def synthetic_data() -> TrainData:
-    """Learnable toy task: class = the brightest colour channel; 64 training images, global batch 16."""
-    generator = torch.Generator().manual_seed(0)
-
-    def split(n: int) -> Split:
-        labels = torch.arange(n) % 3
-        images = torch.randint(0, 100, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
-        images[torch.arange(n), labels] += 120
-        return Split(images=images, labels=labels)
-
-    train, test = split(64), split(30)
-    preprocess = fit_preprocessor("normalize", train.images)
-    return TrainData(
-        train=BatchLoader(train, batch_size=16, preprocess=preprocess, augment=Augment(crop_padding=2, flip=True),
-                          sampling="shuffle"),
-        evals={"test": BatchLoader(test, batch_size=32, preprocess=preprocess)},
-        preprocess=preprocess,
-        classes=("r", "g", "b"),
-        source="synthetic",
-    )
+    """64 training images, global batch 16."""
+    return brightest_channel_data(train=64, evals={"test": 30})
 
 
 def train(batch_sizes: list[int] | None = None) -> engine.FitResult:

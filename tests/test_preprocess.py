@@ -13,6 +13,8 @@ from cifarlab.data.preprocess import (
     Preprocessor,
     fit_preprocessor,
     global_contrast_normalize,
+    to_float,
+    to_uint8,
 )
 from cifarlab.errors import CheckpointError, ConfigError, DataError
 
@@ -215,3 +217,13 @@ def test_normalize_on_real_cifar10_matches_the_known_channel_statistics(jpeg_roo
     # Full training set: mean (0.4914, 0.4822, 0.4465), std (0.2470, 0.2435, 0.2616); 300 images land near them.
     torch.testing.assert_close(state["mean"].flatten(), torch.tensor([0.4914, 0.4822, 0.4465]), atol=0.04, rtol=0)
     torch.testing.assert_close(state["std"].flatten(), torch.tensor([0.2470, 0.2435, 0.2616]), atol=0.03, rtol=0)
+
+
+def test_uint8_float_round_trip_is_exact_and_copies():
+    images = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    x = to_float(images)
+    assert x.dtype == torch.float32 and x.min() == 0 and x.max() == 1
+    assert torch.equal(to_uint8(x), images)
+    assert torch.equal(to_uint8(torch.tensor([-0.1, 0.0019, 0.002, 1.2])), torch.tensor([0, 0, 1, 255], dtype=torch.uint8))
+    same = torch.rand(2, 3)
+    assert to_float(same) is not same

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import integrate, optimize, special, stats
 
+from cifarlab import config
 from cifarlab.errors import ConfigError
 from cifarlab.privacy import accounting
 
@@ -80,6 +81,12 @@ def test_prv_is_a_tight_upper_bound_where_epsilon_is_exactly_known():
     exact = gaussian_epsilon(math.sqrt(steps) / sigma, delta)
     ours = accounting.epsilon(sample_rate=1.0, noise_multiplier=sigma, steps=steps, delta=delta, accountant="prv")
     assert exact <= ours <= exact + 0.02
+
+
+@pytest.mark.parametrize("name", config.ACCOUNTANTS)
+def test_every_configurable_accountant_exists(name: str) -> None:
+    assert set(accounting.ACCOUNTANTS) == set(config.ACCOUNTANTS)
+    assert accounting.create_accountant(name).mechanism() == name
 
 
 def test_prv_default_is_tighter_than_rdp():

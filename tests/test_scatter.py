@@ -137,7 +137,7 @@ def test_dp_sgd_step_trains_only_the_head() -> None:
     filters = {name: buffer.clone() for name, buffer in private.model.named_buffers()}
     before = private.model.fc.weight.detach().clone()
     x, y = next(iter(private.loader.batches(g)))
-    result = private.train_step(private.model, private.optimizer, x, y)
+    result = private.step(private.model, x, y)
     assert result.count == len(y) and torch.isfinite(torch.as_tensor(result.loss_sum))
     assert not torch.equal(private.model.fc.weight, before)
     assert all(torch.equal(buffer, filters[name]) for name, buffer in private.model.named_buffers())

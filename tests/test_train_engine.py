@@ -15,7 +15,8 @@ from cifarlab.data.preprocess import fit_preprocessor
 from cifarlab.data.sources import Split
 from cifarlab.models import create_model
 from cifarlab.train.checkpoint import read_checkpoint
-from cifarlab.train.engine import TrainingDiverged, evaluate, fit
+from cifarlab.train.engine import TrainingDiverged, evaluate, fit, plain_training
+from cifarlab.train.variant import PlainTraining
 from cifarlab.train.optim import lr_factor
 
 
@@ -51,10 +52,24 @@ def config(epochs: int = 3, **optim) -> RunConfig:
     )
 
 
-def train(run_dir=None, **kwargs):
+class _Hooked(PlainTraining):
+    """Plain training that calls `hook(epoch, model)` at every epoch's end."""
+
+    def __init__(self, model, hook):
+        plain = plain_training(model, config())
+        super().__init__(plain.optimizer, label_smoothing=plain.label_smoothing, grad_clip=plain.grad_clip)
+        self.hook = hook
+
+    def on_epoch_end(self, epoch, model):
+        self.hook(epoch, model)
+        return {}
+
+
+def train(run_dir=None, on_epoch_end=None, **kwargs):
     torch.manual_seed(0)
     model = create_model("tutorial", num_classes=3)
-    return fit(model, data=synthetic_data(), config=config(), run_dir=run_dir, **kwargs)
+    variant = _Hooked(model, on_epoch_end) if on_epoch_end is not None else None
+    return fit(model, data=synthetic_data(), config=config(), run_dir=run_dir, variant=variant, **kwargs)
 
 
 def test_evaluated_accuracy_is_exact_at_a_threshold():
@@ -135,7 +150,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         module.poisoned = True
 
     with pytest.raises(TrainingDiverged, match="loss became nan in epoch 2.*last.pt"):
-        fit(model, data=synthetic_data(), config=config(), run_dir=tmp_path, on_epoch_end=poison)
+        fit(model, data=synthetic_data(), config=config(), run_dir=tmp_path, variant=_Hooked(model, poison))
     payload = read_checkpoint(tmp_path / "last.pt")
     assert payload["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in payload["model_state"].values() if t.is_floating_point())

@@ -1,4 +1,5 @@
-"""Li et al.'s clipping norm, and one DP-SGD step with inactive clipping against one SGLD step."""
+"""Li et al.'s clipping norm, and one SGLD-DP step (DP-SGD configured as SGLD) with inactive clipping against one
+SGLD step."""
 import math
 
 import pytest
@@ -6,10 +7,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab.data.loader import BatchLoader
+from cifarlab.data.preprocess import fit_preprocessor
+from cifarlab.data.sources import Split
 from cifarlab.errors import ConfigError
 from cifarlab.models import create_model
 from cifarlab.uncertainty.sgld import SGLD
-from cifarlab.uncertainty.sgld_dp import SGLDDP, sgld_clip_norm
+from cifarlab.uncertainty.sgld_dp import make_sgld_dp, sgld_clip_norm
+
+
+def sgld_dp(model, *, num_data, batch_size, **kwargs):
+    """SGLD-DP with Poisson batches of expected size `batch_size` over `num_data` examples (the steps below are
+    given their batches directly; the loader sets the sampling rate and the expected batch size)."""
+    split = Split(torch.zeros(num_data, 1, 1, 1), torch.zeros(num_data, dtype=torch.long))
+    loader = BatchLoader(split, batch_size=batch_size,
+                         preprocess=fit_preprocessor("none", torch.zeros(2, 3, 2, 2, dtype=torch.uint8)))
+    return make_sgld_dp(model, loader, **kwargs)
 
 
 
@@ -44,13 +57,14 @@ def test_dp_step_with_inactive_clipping_is_an_sgld_step_in_distribution(grad_sam
     lr, n, wd = 0.1, 64, 1e-3
     model, x, y = _problem()
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    dp = SGLDDP(model, lr=lr, num_data=n, batch_size=n, noise_multiplier=1.3, weight_decay=wd, delta=1e-3,
-                grad_sample_mode=grad_sample_mode)
+    dp = sgld_dp(model, num_data=n, batch_size=n, lr=lr, noise_multiplier=1.3, weight_decay=wd, delta=1e-3,
+                 grad_sample_mode=grad_sample_mode)
+    model = dp.model
     dp_updates, sgld_updates = [], []
     torch.manual_seed(0)
     for _ in range(10):  # 10 steps x 2000 weights: 20,000 draws of each update's noise
         model.load_state_dict(start)
-        dp_updates.append(_update(lambda: dp.train_step(model, dp.optimizer, x, y), model))
+        dp_updates.append(_update(lambda: dp.step(model, x, y), model))
     assert dp.clipped_fraction() == 0.0 and dp.max_grad_norm > 1
 
     reference = nn.Linear(400, 5)
@@ -75,13 +89,17 @@ def test_dp_step_with_inactive_clipping_is_an_sgld_step_in_distribution(grad_sam
 
 def test_clipping_is_counted_and_epsilon_grows():
     model, x, y = _problem()
-    dp = SGLDDP(model, lr=0.1, num_data=64, batch_size=16, noise_multiplier=1.0, delta=1e-3)
-    dp.train_step(model, dp.optimizer, 100 * x[:16], y[:16])  # large inputs: every gradient exceeds C
+    dp = sgld_dp(model, num_data=64, batch_size=16, lr=0.1, noise_multiplier=1.0, delta=1e-3)
+    model = dp.model
+    dp.step(model, 100 * x[:16], y[:16])  # large inputs: every gradient exceeds C
     assert dp.clipped_fraction() == 1.0
     first = dp.epsilon()
-    dp.train_step(model, dp.optimizer, x[16:32], y[16:32])
+    dp.step(model, x[16:32], y[16:32])
     assert dp.clipped_fraction() == 0.5 and dp.epsilon() > first > 0
-    assert dp.train_step(model, dp.optimizer, x[:0], y[:0]).count == 0 and dp.steps == 3
+    before = [p.detach().clone() for p in model.parameters()]
+    assert dp.step(model, x[:0], y[:0]).count == 0 and dp.steps == 3
+    # an empty Poisson batch takes the noise-only step, as in DP-SGD (the accountant counts it)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("grad_sample_mode", ["fast", "hooks"])
@@ -90,10 +108,11 @@ def test_cnn_with_in_place_relu_and_dropout_takes_a_step(grad_sample_mode):
     torch.manual_seed(0)
     model = create_model("cnn", num_classes=3)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    dp = SGLDDP(model, lr=0.5, num_data=1000, batch_size=8, noise_multiplier=1.0, delta=1e-4,
-                grad_sample_mode=grad_sample_mode)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
-    result = dp.train_step(model.train(), dp.optimizer, x, y)
+    dp = sgld_dp(model, num_data=1000, batch_size=8, lr=0.5, noise_multiplier=1.0, delta=1e-4,
+                 grad_sample_mode=grad_sample_mode)
+    model = dp.model
+    result = dp.step(model.train(), x, y)
     assert result.count == 8 and math.isfinite(float(result.loss_sum)) and dp.examples == 8
     assert not any(getattr(m, "inplace", False) for m in model.modules())
     assert not torch.equal(model.fc1.weight, start["fc1.weight"])
@@ -102,5 +121,5 @@ def test_cnn_with_in_place_relu_and_dropout_takes_a_step(grad_sample_mode):
 
 def test_batch_norm_models_are_refused_with_advice():
     with pytest.raises(ConfigError, match="without batch norm"):
-        SGLDDP(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), lr=0.1, num_data=100, batch_size=10,
-               noise_multiplier=1.0, delta=1e-3)
+        sgld_dp(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), num_data=100, batch_size=10, lr=0.1,
+                noise_multiplier=1.0, delta=1e-3)

@@ -29,10 +29,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from cifarlab.config import PRIORS
 from cifarlab.continual.stats import FeatureStats, pooled_covariance
 from cifarlab.errors import ConfigError, DataError
 
-PRIORS = ("uniform", "empirical")
 MAX_CONDITION = 1e12  # past this, float64 solves keep fewer than 4 correct digits
 
 

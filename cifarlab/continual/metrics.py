@@ -1,7 +1,7 @@
 """Continual-learning metrics as pure functions over an accuracy matrix.
 
 `acc` is (S, C): the accuracy on test class c after step s (per-class recall, as
-`cifarlab.report.metrics.per_class_accuracy` gives); `seen` is the (S, C) bool mask of
+`cifarlab.metrics.per_class_accuracy` gives); `seen` is the (S, C) bool mask of
 classes learned by step s. Test classes are balanced in CIFAR, so the mean of per-class
 accuracies equals the accuracy over examples.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from cifarlab import metrics
 
 
 def seen_accuracy(acc: Tensor, seen: Tensor) -> Tensor:
@@ -35,14 +37,9 @@ def forgetting(acc: Tensor, seen: Tensor) -> float:
 
 
 def auroc(scores: Tensor, positive: Tensor) -> float:
-    """Area under the ROC curve of `scores` for detecting `positive` (bool) rows, via the
-    Mann-Whitney rank statistic (ties count half); nan if either group is empty."""
-    scores, positive = scores.detach().cpu().double(), positive.cpu().bool()
-    n_pos, n_neg = positive.sum().item(), (~positive).sum().item()
-    if n_pos == 0 or n_neg == 0:
+    """AUROC of `scores` (N,) for detecting the `positive` (N,) bool rows (cifarlab.metrics.auroc); nan when
+    either group is empty, as after the last step, when no class is left unseen."""
+    scores, positive = scores.detach().cpu(), positive.cpu().bool()
+    if positive.all() or not positive.any():
         return float("nan")
-    # Average 1-based ranks, ties sharing the mean of their ranks (scipy.stats.rankdata's default,
-    # computed here because importing scipy.stats costs seconds).
-    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    ranks = (counts.cumsum(0) - (counts - 1) / 2)[inverse]
-    return (ranks[positive].sum().item() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return metrics.auroc(scores[positive], scores[~positive])

@@ -31,15 +31,15 @@ from cifarlab.continual.features import FEATURE_BATCH_SIZE, describe_backbone, e
 from cifarlab.continual.metrics import auroc, average_incremental_accuracy, forgetting, seen_accuracy
 from cifarlab.continual.plots import plot_accuracy_per_step
 from cifarlab.continual.state import ContinualState, save_state
-from cifarlab.data.loader import BatchLoader, TrainData
+from cifarlab.data.loader import BatchLoader, TrainData, relabelling
 from cifarlab.data.preprocess import Preprocessor
 from cifarlab.data.sources import Dataset, Split, load_dataset
 from cifarlab.errors import ConfigError, DataError
 from cifarlab.io import write_json
-from cifarlab.report.metrics import accuracy, confusion_matrix, per_class_accuracy
+from cifarlab.metrics import accuracy, confusion_matrix, per_class_accuracy
 from cifarlab.report.plots import plot_confusion
 from cifarlab.report.run_report import format_table
-from cifarlab.train.checkpoint import load_model
+from cifarlab.train.checkpoint import LoadedModel, load_model
 from cifarlab import hardware
 from cifarlab.train import engine
 from cifarlab.train.run import run_training
@@ -84,6 +84,19 @@ class ProtocolOptions:
         for name, low in (("group_size", 1), ("finetune_epochs", 0), ("batch_size", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
+
+def protocol_options(config: RunConfig, *, precision: str | None = None) -> ProtocolOptions:
+    """The protocol's options from the config's continual section, with its data.path, train.device and
+    train.progress; `precision` None: the base run's."""
+    section = config.continual
+    return ProtocolOptions(
+        order=tuple(section.order) if section.order else None, group_size=section.group_size,
+        methods=tuple(section.methods), layer=section.layer, finetune_epochs=section.finetune_epochs,
+        method_options=MethodOptions(shrinkage=section.shrinkage, class_shrinkage=section.class_shrinkage,
+                                     prior=section.prior),
+        joint=section.joint, data=config.data.path, device=config.train.device, precision=precision,
+        out=section.out, progress=config.train.progress)
 
 
 def plan_steps(base: Sequence[int], order: Sequence[int] | None, *, classes: Sequence[str],
@@ -150,7 +163,8 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
     """The protocol on a trained base run (its folder or checkpoint); returns and writes summary.json."""
     checkpoint = Path(run) / "best.pt" if Path(run).is_dir() else Path(run)
     device = hardware.resolve_device(options.device)
-    model, preprocess, base_names, config = load_model(checkpoint, device=device)
+    loaded = load_model(checkpoint, device=device)
+    model, preprocess, base_names, config = loaded.model, loaded.preprocess, loaded.classes, loaded.config
     dataset = load_dataset(options.data or config.data.path, name=config.data.dataset,
                            download=config.data.download, progress=options.progress)
     base = _base_classes(config, dataset, base_names, checkpoint)
@@ -199,9 +213,9 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
         say(f"step {step}: +{[dataset.classes[c] for c in group]} -> "
             + ", ".join(f"{name} {log[name][-1]['accuracy']:.1%}" for name in log))
     if options.joint:
-        joint, joint_preprocess = _train_joint(config, learned, names=[dataset.classes[c] for c in learned],
-                                               data=options.data, out=out / "joint", device=device)
-        joint_logits = logits_of(joint, dataset.test.images, preprocess=joint_preprocess)
+        joint = _train_joint(config, learned, names=[dataset.classes[c] for c in learned], data=options.data,
+                             out=out / "joint", device=device)
+        joint_logits = logits_of(joint.model, dataset.test.images, preprocess=joint.preprocess)
         log["joint"] = [None] * (len(steps) - 1) + [_head_metrics(joint_logits, ids, targets, seen[-1])]
 
     state_path = save_state(out / "state.pt", state)
@@ -303,8 +317,7 @@ def _finetune(model: nn.Module, dataset: Dataset, group: Sequence[int], learned:
     the base run's optimizer on the new group's images only (no augmentation, no old data)."""
     model = _widen_head(model, len(learned))
     device = next(model.parameters()).device
-    relabel = torch.full((len(dataset.classes),), -1, dtype=torch.int64)
-    relabel[torch.tensor(list(learned))] = torch.arange(len(learned))
+    relabel = relabelling(learned, len(dataset.classes))
 
     def new_group(split: Split) -> Split:
         mask = torch.isin(split.labels, torch.tensor(list(group)))
@@ -322,7 +335,7 @@ def _finetune(model: nn.Module, dataset: Dataset, group: Sequence[int], learned:
 
 
 def _train_joint(config: RunConfig, classes: Sequence[int], *, names: Sequence[str], data: str | None, out: Path,
-                 device: torch.device) -> tuple[nn.Module, Preprocessor]:
+                 device: torch.device) -> LoadedModel:
     """The upper bound: the base run's recipe trained on every learned class at once; a finished
     joint run already in `out` (same classes) is reused rather than trained again."""
     if not (out / "summary.json").is_file():
@@ -330,8 +343,8 @@ def _train_joint(config: RunConfig, classes: Sequence[int], *, names: Sequence[s
         if data is not None:
             overrides["data"] = {"path": data}
         train_base(_override(config, overrides), classes)
-    model, preprocess, joint_classes, _ = load_model(out / "best.pt", device=device)
-    if list(joint_classes) != list(names):
-        raise ConfigError(f"{out} holds a joint run over {list(joint_classes)}, not {list(names)}; "
+    joint = load_model(out / "best.pt", device=device)
+    if list(joint.classes) != list(names):
+        raise ConfigError(f"{out} holds a joint run over {list(joint.classes)}, not {list(names)}; "
                           f"remove it or choose another --out")
-    return model, preprocess
+    return joint

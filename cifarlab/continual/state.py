@@ -116,7 +116,8 @@ def add_class_from_folder(state_path: str | Path, class_name: str, images_dir: s
     source = checkpoint if checkpoint is not None else state.backbone.checkpoint
     if source is None:
         raise ConfigError(f"{state_path} records no backbone checkpoint; pass checkpoint=... (--checkpoint)")
-    model, preprocess, _, _ = load_model(source, device=resolve_device(device))
+    loaded = load_model(source, device=resolve_device(device))
+    model, preprocess = loaded.model, loaded.preprocess
     saved = state.backbone
     backbone = describe_backbone(model, preprocess, layer=saved.layer, image_size=saved.image_size,
                                  precision=saved.precision, checkpoint=str(source))

@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cifarlab.config import PAD_MODES
 from cifarlab.errors import ConfigError
-
-PAD_MODES: tuple[str, ...] = ("zero", "reflect")
 
 
 def _check_size(name: str, value: int) -> None:

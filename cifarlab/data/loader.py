@@ -7,13 +7,14 @@ dominate the step time of small models (see benchmarks/pipeline_speed.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
+from torch import Tensor
 
 from cifarlab.config import DataConfig
 from cifarlab.data.augment import Augment
-from cifarlab.data.preprocess import Preprocessor, fit_preprocessor
+from cifarlab.data.preprocess import Preprocessor, fit_preprocessor, to_float
 from cifarlab.data.sources import Dataset, Split, load_dataset, stratified_indices, stratified_split
 from cifarlab.errors import ConfigError
 
@@ -75,7 +76,7 @@ class BatchLoader:
         train.run.precompute_frozen_prefix), final already."""
         if images.is_floating_point():
             return images.repeat_interleave(self.views, dim=0) if self.views > 1 else images
-        x = images.float().div_(255)
+        x = to_float(images)
         if self.views > 1:
             x = x.repeat_interleave(self.views, dim=0)
         if self.augment is not None and not self.augment.is_identity:
@@ -133,13 +134,7 @@ def prepare_data(
         keep, held_out = stratified_split(train.labels, config.val_size, seed=seed)
         train, val = train.subset(keep), train.subset(held_out)
     preprocess = fit_preprocessor(config.preprocess, train.images, size=config.input_size).to(device)
-    augment = Augment(
-        crop_padding=config.crop_padding,
-        pad_mode=config.pad_mode,
-        translate=config.translate,
-        flip=config.flip,
-        cutout=config.cutout,
-    )
+    augment = augment_from_config(config)
 
     def on_device(split: Split) -> Split:
         return Split(images=split.images.to(device), labels=split.labels.to(device))
@@ -155,6 +150,12 @@ def prepare_data(
     return TrainData(train_loader, eval_loaders, preprocess, classes, dataset.source)
 
 
+def augment_from_config(config: DataConfig) -> Augment:
+    """The training augmentation a data config asks for."""
+    return Augment(crop_padding=config.crop_padding, pad_mode=config.pad_mode, translate=config.translate,
+                   flip=config.flip, cutout=config.cutout)
+
+
 def select_classes(dataset: Dataset, keep: list[int] | None) -> tuple[Split, Split, tuple[str, ...]]:
     """Keep only the listed class indices, relabelled 0..k-1 in the given order."""
     if keep is None:
@@ -163,11 +164,18 @@ def select_classes(dataset: Dataset, keep: list[int] | None) -> tuple[Split, Spl
     bad = [c for c in keep if not 0 <= c < num_classes]
     if bad or len(set(keep)) != len(keep):
         raise ConfigError(f"data.classes {keep} must be distinct class indices in 0..{num_classes - 1}")
-    relabel = torch.full((num_classes,), -1, dtype=torch.int64)
-    relabel[torch.tensor(keep)] = torch.arange(len(keep))
+    relabel = relabelling(keep, num_classes)
 
     def select(split: Split) -> Split:
         mask = relabel[split.labels] >= 0
         return Split(images=split.images[mask], labels=relabel[split.labels[mask]])
 
     return select(dataset.train), select(dataset.test), tuple(dataset.classes[c] for c in keep)
+
+
+def relabelling(keep: Sequence[int], num_classes: int) -> Tensor:
+    """Lookup table (num_classes,) int64 sending class keep[i] to i and every other class to -1:
+    `relabelling(keep, n)[labels]` relabels a subset of classes 0..k-1 in the given order."""
+    table = torch.full((num_classes,), -1, dtype=torch.int64)
+    table[torch.tensor(list(keep), dtype=torch.int64)] = torch.arange(len(keep))
+    return table

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cifarlab.config import PREPROCESSORS, check_input_size
 from cifarlab.errors import CheckpointError, ConfigError, DataError
 
-# The buffers each kind needs; forward applies whichever are present, in the order mean, std, whiten.
+# The buffers each kind of config.PREPROCESSORS needs; forward applies whichever are present, in the order
+# mean, std, whiten.
 _BUFFERS: dict[str, tuple[str, ...]] = {
     "normalize": ("mean", "std"),
     "mean": ("mean",),
@@ -25,7 +27,6 @@ _BUFFERS: dict[str, tuple[str, ...]] = {
     "gcn_zca": ("mean", "whiten"),
     "none": (),
 }
-PREPROCESSORS: tuple[str, ...] = tuple(_BUFFERS)
 
 # ZCA regulariser added to the covariance eigenvalues. pylearn2's maxout CIFAR-10 pipeline (Goodfellow et al.
 # 2013) uses 0.1 on GCN'd images, whose per-pixel variance is ~0.97. Raw CIFAR-10 in [0, 1] has a per-pixel
@@ -36,13 +37,6 @@ DEFAULT_ZCA_EPSILON: dict[str, float] = {"zca": 1e-2, "gcn_zca": 0.1}
 # GCN divides each image by its std; the floor stops near-uniform images from having their noise blown up.
 # It matches Coates et al. (2011)'s sqrt(var + 10) on 0..255 pixels, i.e. sqrt(10) / 255 ~= 0.0124 in [0, 1].
 GCN_MIN_STD = 1e-2
-MIN_INPUT_SIZE = 8  # the CIFAR networks halve the resolution up to three times
-
-
-def check_input_size(name: str, size: int | None) -> None:
-    """ConfigError unless `size` is None (no resize) or an integer >= MIN_INPUT_SIZE."""
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < MIN_INPUT_SIZE):
-        raise ConfigError(f"{name} must be an integer >= {MIN_INPUT_SIZE} (pixels per side) or unset, got {size!r}")
 
 
 def resize(x: Tensor, size: int) -> Tensor:
@@ -52,6 +46,16 @@ def resize(x: Tensor, size: int) -> Tensor:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                          antialias=size < max(x.shape[-2:]))
+
+
+def to_float(images: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 images (0..255) -> float in [0, 1], always a new tensor."""
+    return images.to(dtype, copy=True).div_(255)
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Float images in [0, 1] -> uint8 (0..255), rounded to the nearest level; values outside are clipped."""
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def _check_kind(kind: str) -> None:
@@ -114,7 +118,7 @@ class Preprocessor(nn.Module):
 
     def from_uint8(self, images: Tensor) -> Tensor:
         """uint8 images (0..255, any device) -> the model's input, as for evaluation (no augmentation)."""
-        return self(images.float().div_(255))
+        return self(to_float(images))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}" + ("" if self.size is None else f", size={self.size}")
@@ -142,7 +146,7 @@ class Preprocessor(nn.Module):
 def _float64_chunks(images: Tensor, *, batch_size: int, gcn_min_std: float | None) -> Iterator[Tensor]:
     """Yield the images as float64 in [0, 1], `batch_size` at a time, GCN'd when `gcn_min_std` is given."""
     for chunk in images.split(batch_size):
-        chunk = chunk.to(torch.float64) / 255
+        chunk = to_float(chunk, dtype=torch.float64)
         yield chunk if gcn_min_std is None else global_contrast_normalize(chunk, min_std=gcn_min_std)
 
 

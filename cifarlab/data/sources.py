@@ -107,7 +107,7 @@ def load_dataset(
             if not download:
                 raise DataError(_not_found(cache_dir, name, "pass path=..., set $CIFARLAB_DATA, or allow download=True"))
             folder = download_dataset(name, cache_dir=cache_dir, url=download_url, progress=progress)
-            source = (_layout(folder, any_archive=False), folder)
+            source = (layout_of(folder, any_archive=False), folder)
     return _load(*source, name=name, cache_dir=cache_dir, progress=progress)
 
 
@@ -193,7 +193,7 @@ _LAYOUT_HELP = (
 )
 
 
-def _layout(path: Path, *, any_archive: bool) -> str | None:
+def layout_of(path: Path, *, any_archive: bool) -> str | None:
     """The layout of `path` itself, or None. Unofficial archive names count only when `any_archive`."""
     if path.is_file():
         is_tar = path.name.endswith((".tar.gz", ".tgz", ".tar"))
@@ -206,7 +206,7 @@ def _layout(path: Path, *, any_archive: bool) -> str | None:
     return "image-folder" if (path / "train").is_dir() or (path / "test").is_dir() else None
 
 
-def _dataset_of(layout: str, path: Path) -> str | None:
+def dataset_of(layout: str, path: Path) -> str | None:
     """The dataset a layout holds, None when it cannot tell (image folders, unofficial archives)."""
     if layout in _FORMATS:
         return _FORMATS[layout].dataset
@@ -215,15 +215,15 @@ def _dataset_of(layout: str, path: Path) -> str | None:
 
 def _find(root: Path, name: str, *, any_archive: bool) -> tuple[str, Path] | None:
     """(layout, path) at `root` itself, else the preferred one among its subfolders holding `name`."""
-    own = _layout(root, any_archive=any_archive)
+    own = layout_of(root, any_archive=any_archive)
     if own is not None:
         return own, root
     if not root.is_dir():
         return None
     found = []
     for child in sorted(root.iterdir()):
-        layout = None if child.name.startswith(".") else _layout(child, any_archive=False)
-        if layout is not None and _dataset_of(layout, child) in (name, None):
+        layout = None if child.name.startswith(".") else layout_of(child, any_archive=False)
+        if layout is not None and dataset_of(layout, child) in (name, None):
             found.append((_PREFERENCE.index(layout), layout, child))
     if not found:
         return None
@@ -250,7 +250,7 @@ def _load(layout: str, path: Path, *, name: str, cache_dir: Path, progress: bool
         arrays = _decode(layout, path, name=name, cache_dir=cache_dir, progress=progress)
         _write_cache(cache, arrays, fingerprint)
     layout = str(arrays["layout"])  # an archive's content layout
-    held = _dataset_of(layout, path)
+    held = dataset_of(layout, path)
     if held not in (name, None):
         raise DataError(f"{path} holds {held} ({layout}), not {name}; pass name={held!r}")
     return Dataset(
@@ -401,16 +401,20 @@ def _decode_images(paths: list[str], *, size: tuple[int, int], resize: bool) -> 
 
 
 def _read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
-    """(H, W, 3) uint8, resized (bilinear) to size (H, W) when given; grayscale, palette and RGBA images are
-    converted to RGB."""
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if size is not None and image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.BILINEAR)
-            return np.asarray(image)
+        return decode_image(path, size)
     except Exception as e:  # Pillow signals broken files with OSError, SyntaxError, ValueError, ...
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def decode_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An image file as (H, W, 3) uint8, resized (bilinear) to size (H, W) when given; grayscale, palette and
+    RGBA images are converted to RGB. Pillow's errors propagate, for the caller to name the file in its terms."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if size is not None and image.size != (size[1], size[0]):
+            image = image.resize((size[1], size[0]), Image.BILINEAR)
+        return np.asarray(image)
 
 
 # --- subsets --------------------------------------------------------------------------------------

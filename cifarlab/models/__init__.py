@@ -5,9 +5,9 @@ list is the registry's table of contents.
 """
 # Importing a family module registers its models.
 from cifarlab.models import cnn, preact_resnet, resnet, resnet_cifar, tutorial, vgg, wrn  # noqa: F401
-from cifarlab.models import fast  # noqa: F401  (airbench-style net for time-to-accuracy; issue 6)
-from cifarlab.models import scatter  # noqa: F401  (ScatterNet + linear/CNN for DP-SGD; issue 3)
-from cifarlab.models import tanh_cnn  # noqa: F401  (the end-to-end DP-SGD baseline CNN; issue 3)
+from cifarlab.models import fast  # noqa: F401  (airbench-style net for time-to-accuracy)
+from cifarlab.models import scatter  # noqa: F401  (ScatterNet + linear/CNN for DP-SGD)
+from cifarlab.models import tanh_cnn  # noqa: F401  (the end-to-end DP-SGD baseline CNN)
 from cifarlab.models.registry import EXTERNAL_NOTE, create_model, describe_model, list_models, register_model
 
 __all__ = ["EXTERNAL_NOTE", "create_model", "describe_model", "list_models", "register_model"]

@@ -2,7 +2,7 @@
 
 - accounting: epsilon spent, noise for a target epsilon (Opacus's PRV and RDP accountants)
 - clipping: per-example clipped gradient sums (fast single-pass path, or Opacus hooks)
-- dpsgd: prepare_model / make_private -> PrivateTraining (train_step, on_epoch_end, summary) and ParamEMA
+- dpsgd: prepare_model / make_private -> PrivateTraining (a training variant: step, on_epoch_end, summary), ParamEMA
 - datanorm: a model's data-normalisation statistics, released once privately before DP-SGD
 - audit: loss-threshold membership inference (attack AUC) on a checkpoint
 """

@@ -13,7 +13,7 @@ composed with the DP-SGD steps by the same accountant, and the noise solve for a
 Default "prv": it is the tighter of the two (e.g. q=4096/50000, sigma=3, 2500 steps,
 delta=1e-5: 6.59 vs 7.10 for RDP, which buys less noise for the same target) and its result
 is still a certified upper bound. Its one known instability is a discretisation failure
-for large epsilons (Opacus issues #601, #604); there we fall back to RDP, which is always a
+for large epsilons (github.com/pytorch/opacus/issues/601 and /604); there we fall back to RDP, which is always a
 valid (looser) bound, and say so once.
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Sequence
 import numpy as np
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 
+from cifarlab.config import DEFAULT_ACCOUNTANT
 from cifarlab.errors import ConfigError
 
+# The class behind each name of config.ACCOUNTANTS (config validates names without importing Opacus).
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"prv": PRVAccountant, "rdp": RDPAccountant}
-DEFAULT_ACCOUNTANT = "prv"
-DEFAULT_DELTA = 1e-5
 EPSILON_TOLERANCE = 0.01  # the noise solve stops within this much below the target, as Opacus's does
 Release = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps): one line of an Opacus accountant history
 

@@ -8,16 +8,19 @@ It is an empirical lower bound on leakage, not a proof of privacy.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
 from torch import Tensor, nn
 
 from cifarlab.errors import ConfigError
+from cifarlab.hardware import resolve_device
+from cifarlab.metrics import auroc
+from cifarlab.train.checkpoint import load_model
+from cifarlab.train.run import build_data
 
 
 @dataclass
@@ -29,16 +32,6 @@ class AuditResult:
     nonmember_loss: float
     member_accuracy: float
     nonmember_accuracy: float
-
-
-def roc_auc(positive: Tensor, negative: Tensor) -> float:
-    """P(score of a random positive > that of a random negative), ties counting 1/2: the Mann-Whitney rank
-    formula (sum of the positives' ranks - n+(n+ + 1)/2) / (n+ n-), with average ranks for ties."""
-    if len(positive) == 0 or len(negative) == 0:
-        raise ConfigError("the AUC needs at least one member and one non-member")
-    ranks = rankdata(torch.cat([positive, negative]).double().cpu().numpy())  # 1-based, ties averaged
-    n_pos, n_neg = len(positive), len(negative)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 @torch.no_grad()
@@ -61,7 +54,7 @@ def loss_threshold_audit(model: nn.Module, members: tuple[Tensor, Tensor], nonme
     member_loss, member_correct = per_example_losses(model, *members, batch_size=batch_size)
     other_loss, other_correct = per_example_losses(model, *nonmembers, batch_size=batch_size)
     return AuditResult(
-        auc=roc_auc(-member_loss, -other_loss), members=len(member_loss), nonmembers=len(other_loss),
+        auc=auroc(-member_loss, -other_loss), members=len(member_loss), nonmembers=len(other_loss),
         member_loss=member_loss.mean().item(), nonmember_loss=other_loss.mean().item(),
         member_accuracy=member_correct.float().mean().item(), nonmember_accuracy=other_correct.float().mean().item())
 
@@ -73,17 +66,13 @@ def audit_checkpoint(checkpoint: str | Path, *, data_path: str | None = None, co
     The members are drawn from exactly the training split the run used (its subset and validation hold-out,
     rebuilt from the checkpoint's config), without augmentation, through the checkpoint's preprocessing.
     """
-    from cifarlab.data.loader import prepare_data
-    from cifarlab.train.checkpoint import load_model
-    from cifarlab.hardware import resolve_device
-
     if count < 1:
         raise ConfigError(f"count must be >= 1, got {count}")
     torch_device = resolve_device(device)  # "auto": CUDA when there is one
-    model, preprocess, _, config = load_model(checkpoint, device=torch_device)
-    data_config = config.data if data_path is None else type(config.data)(**{**asdict(config.data), "path": data_path})
-    data = prepare_data(data_config, device=torch_device, seed=config.train.seed, batch_size=1,
-                        eval_batch_size=1, progress=False)
+    loaded = load_model(checkpoint, device=torch_device)
+    model, preprocess, config = loaded.model, loaded.preprocess, loaded.config
+    data = build_data(replace(config, data=replace(config.data, path=data_path or config.data.path),
+                              train=replace(config.train, progress=False)), device=torch_device)
     generator = torch.Generator().manual_seed(seed)
 
     def draw(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -262,7 +262,7 @@ def _conv2d_rule(module: nn.Conv2d, a: Tensor, g: Tensor, views: int, *, output:
 # Below this many input channels a stride-1 conv's per-example weight gradients come faster as one convolution
 # of the inputs (examples as channels) with the output gradients as filters than as a grouped weight-gradient
 # call: 26 vs 65 ms for the 3-channel input layer of `cnn` at batch 256 on 2 CPU cores, while with 32 or 64
-# input channels the grouped call was 1.5-2.3x faster.
+# input channels the grouped call is 1.5-2.3x faster.
 _FEW_INPUT_CHANNELS = 8
 # The grouped weight-gradient call runs at about half the speed per flop of the Gram rule's batched matmuls: on 2 CPU
 # cores at batch 256, Gram vs grouped took 101 vs 182 ms for ScatterNet's 243->64 3x3 conv on 8x8 maps (flops

@@ -16,16 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cifarlab.config import DEFAULT_DATA_NORM_CLIP as DEFAULT_CLIP
 from cifarlab.data.loader import BatchLoader
 from cifarlab.errors import ConfigError
 from cifarlab.models.scatter import DataNorm
 from cifarlab.privacy.accounting import Release
 
-DEFAULT_NOISE = 8.0  # T&B's noise multiplier for the normalisation statistics
-# On GroupNorm-ed ScatterNet features (243 channels of order 1) the moment vectors have norms of 21-28 (median 21,
-# max 28 over 500 JPEG-copy training images), so C = 30 leaves them unclipped; the noise on each averaged moment is
-# then sigma * C / N = 0.005 for N = 50,000, against channel variances of 0.05 and more.
-DEFAULT_CLIP = 30.0
 CHUNK = 2000  # examples per moments batch: the statistics need one pass, not the whole set at once
 
 

@@ -3,95 +3,48 @@
     model = prepare_model(model)                     # BatchNorm -> GroupNorm, or a clear refusal
     optimizer = build_optimizer(model, config.optim)
     private = make_private(model, optimizer, data.train, epochs=30, target_epsilon=8.0, max_grad_norm=1.0)
-    fit(private.model, data=replace(data, train=private.loader), optimizer=private.optimizer,
-        train_step=private.train_step, on_epoch_end=private.on_epoch_end, extra_state={"privacy": private}, ...)
+    fit(private.model, data=replace(data, train=private.loader), variant=private, ...)
 
 Each logical batch is Poisson-sampled by the loader (each example joins independently with
 probability q; the size varies and may be 0), split into physical micro-batches, and every
 example's gradient, averaged over its `augmult` augmented views (De et al. 2022, arXiv:2204.13650),
 is clipped to norm C (cifarlab.privacy.clipping). Opacus's DPOptimizer then adds N(0, sigma^2 C^2)
-noise to the clipped sum once per logical batch (also to an empty one), divides by the expected
-batch size q*N, steps, and reports the step to the accountant.
+noise to the clipped sum once per logical batch, divides by the expected batch size q*N, steps, and
+reports the step to the accountant. An empty Poisson batch still takes that step, with noise only: the
+accountant counts every sampled batch, and the analysis assumes each one releases a noisy sum.
+The same machinery with a clipping norm that follows the learning rate is SGLD-DP (cifarlab.uncertainty.sgld_dp).
 """
 from __future__ import annotations
 
 import copy
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from opacus.accountants import IAccountant
 from opacus.optimizers import DPOptimizerFastGradientClipping
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from cifarlab.data.loader import BatchLoader
 from cifarlab.data.sources import Split
 from cifarlab.errors import ConfigError
+from cifarlab.models.per_example import prepare_model, privacy_problems
 from cifarlab.models.scatter import unfitted_data_norm
 from cifarlab.privacy import accounting, datanorm
 from cifarlab.privacy.clipping import CLIP_METHODS, check_fast_supported, clipped_grad_sum, trainable_parameters
-from cifarlab.train.engine import StepResult
+from cifarlab.train.variant import StepResult
+
+__all__ = ["ClippedSumOptimizer", "ParamEMA", "PrivateTraining", "make_private", "prepare_model"]
 
 DEFAULT_GRAD_SAMPLE_MODE = "fast"  # benchmarks/dp_speed.py: faster than Opacus hooks and ghost clipping on CPU
-
-
-def prepare_model(model: nn.Module) -> nn.Module:
-    """A copy of `model` that DP-SGD can train: BatchNorm replaced by GroupNorm (with a warning), in-place
-    activations turned off (Opacus's hooks cannot see through them). ConfigError names any layer that
-    cannot be made private, says why, and what to do."""
-    if hasattr(model, "init_from_data"):
-        raise ConfigError(
-            f"{type(model).__name__} fits layers to training images before training (init_from_data); those "
-            "statistics would leak outside DP-SGD. Choose a model without data-dependent initialisation "
-            "(e.g. wrn with norm=group, cnn, tutorial)")
-    model = copy.deepcopy(model).train()
-    problems = _privacy_problems(model)
-    if problems:
-        model = ModuleValidator.fix(model)  # a copy with BatchNorm -> GroupNorm (Wu & He 2018)
-        replaced = [kind for name, kind, _ in problems if type(model.get_submodule(name)).__name__ != kind]
-        if replaced:
-            warnings.warn(
-                f"DP-SGD: replaced {len(replaced)} {'/'.join(sorted(set(replaced)))} layer(s) by GroupNorm: batch "
-                "statistics mix the examples of a batch, so per-example gradients (and the privacy guarantee) "
-                "do not exist with them", stacklevel=2)
-    require_per_example_layers(model, purpose="DP-SGD",
-                               fix="replace these layers by per-example ones (GroupNorm, LayerNorm) or choose another model")
-    disable_inplace(model)
-    return model
-
-
-def require_per_example_layers(model: nn.Module, *, purpose: str, fix: str) -> None:
-    """ConfigError naming every layer that has no per-example gradient (batch norm mixes a batch's examples)."""
-    problems = _privacy_problems(model)
-    if problems:
-        lines = "\n".join(f"  layer {name!r} ({kind}): {why}" for name, kind, why in problems)
-        raise ConfigError(f"{type(model).__name__} cannot be trained with {purpose}:\n{lines}\nFix: {fix}")
-
-
-def disable_inplace(model: nn.Module) -> None:
-    """Turn off in-place activations (the same function, so checkpoints still load): per-example gradient hooks
-    cannot see through an output that a later op overwrites."""
-    for module in model.modules():
-        if getattr(module, "inplace", False):
-            module.inplace = False
-
-
-def _privacy_problems(model: nn.Module) -> list[tuple[str, str, str]]:
-    problems = []
-    for name, module in model.named_modules():
-        validator = ModuleValidator.VALIDATORS.get(type(module))
-        if validator is not None:  # also parameter-free ones: a BatchNorm without affine still mixes the batch
-            problems += [(name, type(module).__name__, str(error).split(". ")[0]) for error in validator(module)]
-    return problems
 
 
 class ClippedSumOptimizer(DPOptimizerFastGradientClipping):
     """Opacus's DP optimizer for gradients that arrive already clipped and summed (noise, scaling, accountant
     hook), taking each step's sum without a copy: Opacus deep-copies every `p.grad` into `p.summed_grad` (its
     step: 0.96 vs 0.56-0.72 ms for the `tutorial` LeNet, whose whole DP step is 25 ms, on 2 busy CPU cores).
-    `train_step` hands over a fresh tensor per parameter and step, so keeping it aliased is safe."""
+    `PrivateTraining.step` hands over a fresh tensor per parameter and step, so keeping it aliased is safe."""
 
     def accumulate(self) -> None:
         for p in self.params:
@@ -134,7 +87,12 @@ class ParamEMA:
 
 @dataclass
 class PrivateTraining:
-    """The private versions of model, optimizer and loader, plus the accountant and the batch step."""
+    """DP-SGD as a training variant (cifarlab.train.variant): the private versions of model, optimizer and loader,
+    the accountant, and the batch step.
+
+    `clip_norm_for_lr`: None for a fixed clipping norm; else C as a function of the learning rate, recomputed every
+    step (SGLD-DP, Li et al. 2019), and the fraction of clipped gradients joins the epoch's metrics.
+    """
 
     model: nn.Module
     optimizer: ClippedSumOptimizer
@@ -142,7 +100,6 @@ class PrivateTraining:
     accountant: IAccountant
     accountant_name: str
     noise_multiplier: float
-    max_grad_norm: float
     delta: float
     sample_rate: float
     poisson: bool
@@ -152,16 +109,23 @@ class PrivateTraining:
     target_epsilon: float | None = None
     ema: ParamEMA | None = None
     prior: tuple[accounting.Release, ...] = ()  # releases before training (data normalisation), in the accountant
+    clip_norm_for_lr: Callable[[float], float] | None = None
     epsilon_history: list[float] = field(default_factory=list)
+    clipped: torch.Tensor | int = 0  # per-example gradients clipped so far (a tensor: counting needs no device sync)
+    examples: int = 0
 
-    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                   y: torch.Tensor) -> StepResult:
+    @property
+    def max_grad_norm(self) -> float:
+        """C, the clipping norm (the current one when it follows the learning rate)."""
+        return self.optimizer.max_grad_norm
+
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One DP-SGD step on a logical batch: x (B * augmult, ...) with each example's views adjacent, y likewise.
 
         B may be 0 (Poisson sampling): the step then adds noise only, as the analysis assumes.
         """
-        if optimizer is not self.optimizer:
-            raise RuntimeError("DP-SGD step called with a non-private optimizer; pass optimizer=private.optimizer to fit")
+        if self.clip_norm_for_lr is not None:
+            self.optimizer.max_grad_norm = self.clip_norm_for_lr(self.optimizer.param_groups[0]["lr"])
         views = self.augmult
         params = trainable_parameters(model)
         sums = None
@@ -170,17 +134,21 @@ class PrivateTraining:
         for xs, ys in zip(x.split(rows), y.split(rows)):
             if len(ys) == 0:
                 continue
-            result = clipped_grad_sum(model, xs, ys, max_grad_norm=self.max_grad_norm, views=views,
-                                      method=self.grad_sample_mode)
+            with warnings.catch_warnings():  # grad_sample_mode hooks: the first layer's input needs no gradient
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                result = clipped_grad_sum(model, xs, ys, max_grad_norm=self.max_grad_norm, views=views,
+                                          method=self.grad_sample_mode)
             sums = result.grads if sums is None else [s + g for s, g in zip(sums, result.grads)]
             loss_sum = loss_sum + result.losses.sum()
             correct = correct + (result.logits.argmax(1) == ys[::views]).sum()
+            self.clipped = self.clipped + (result.norms > self.max_grad_norm).sum()
         for p, s in zip(params, sums or [torch.zeros_like(p) for p in params]):  # an empty batch: noise only
             p.grad = s
-        optimizer.step()  # + N(0, sigma^2 C^2), / (q N), the update, accountant.step
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()  # + N(0, sigma^2 C^2), / (q N), the update, accountant.step
+        self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(model)
+        self.examples += len(y) // views
         return StepResult(loss_sum.detach(), correct, len(y) // views)
 
     @property
@@ -191,15 +159,22 @@ class PrivateTraining:
     def epsilon(self) -> float:
         return accounting.accountant_epsilon(self.accountant, self.delta)
 
+    def clipped_fraction(self) -> float:
+        """Share of per-example gradients clipped so far; for SGLD-DP, where it is not ~0 the run is not SGLD."""
+        return float(self.clipped) / max(1, self.examples)
+
     def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, float]:
         """The epoch's row of metrics.csv gets the epsilon spent so far."""
         self.epsilon_history.append(self.epsilon())
-        return {"epsilon": self.epsilon_history[-1]}
+        row = {"epsilon": self.epsilon_history[-1]}
+        if self.clip_norm_for_lr is not None:
+            row["clipped_fraction"] = self.clipped_fraction()
+        return row
 
     @property
-    def eval_model(self) -> nn.Module:
-        """The weights to evaluate and release: the EMA copy when enabled, else the trained model."""
-        return self.ema.model if self.ema is not None else self.model
+    def eval_model(self) -> nn.Module | None:
+        """The weights to evaluate and release: the EMA copy when enabled (None: the trained model)."""
+        return self.ema.model if self.ema is not None else None
 
     def summary(self) -> dict[str, Any]:
         """The run's privacy facts, for summary.json."""
@@ -221,9 +196,10 @@ class PrivateTraining:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """For checkpoints and resume: the accountant's history (and the EMA weights)."""
+        """For checkpoints and resume: the accountant's history, the clipping counts (and the EMA weights)."""
         state: dict[str, Any] = {"accountant": dict(self.accountant.state_dict()),
-                                 "epsilon_history": list(self.epsilon_history)}
+                                 "epsilon_history": list(self.epsilon_history),
+                                 "clipped": int(self.clipped), "examples": self.examples}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state
@@ -231,12 +207,14 @@ class PrivateTraining:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
         self.epsilon_history = list(state["epsilon_history"])
+        self.clipped, self.examples = state["clipped"], state["examples"]
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: BatchLoader, *, epochs: int,
-                 max_grad_norm: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                 max_grad_norm: float | Callable[[float], float], noise_multiplier: float | None = None,
+                 target_epsilon: float | None = None,
                  delta: float = accounting.DEFAULT_DELTA, accountant: str = accounting.DEFAULT_ACCOUNTANT,
                  poisson: bool = True, augmult: int = 1, physical_batch_size: int | None = None,
                  ema: float | None = None, grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
@@ -244,6 +222,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
                  data_norm_clip: float = datanorm.DEFAULT_CLIP) -> PrivateTraining:
     """Wrap `optimizer` (built over `model`, itself from prepare_model) and re-sample `loader` for DP-SGD.
 
+    `max_grad_norm`: the clipping norm C, or C as a function of the learning rate (SGLD-DP's, recomputed every step).
     Give `noise_multiplier`, or `target_epsilon` to solve for it over `epochs` epochs. A model with data
     normalisation gets its statistics from `loader` here, privately (`data_norm_*`, see privacy.datanorm), and the
     accountant counts that release; otherwise the inputs are not changed.
@@ -252,11 +231,14 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
         raise ConfigError("give exactly one of noise_multiplier and target_epsilon")
     if grad_sample_mode not in CLIP_METHODS:
         raise ConfigError(f"unknown grad_sample_mode {grad_sample_mode!r}; valid: {', '.join(CLIP_METHODS)}")
+    clip_norm_for_lr = max_grad_norm if callable(max_grad_norm) else None
+    if clip_norm_for_lr is not None:
+        max_grad_norm = clip_norm_for_lr(optimizer.param_groups[0]["lr"])
     if max_grad_norm <= 0 or augmult < 1 or epochs < 1 or (physical_batch_size is not None and physical_batch_size < 1):
         raise ConfigError(f"need max_grad_norm > 0, augmult >= 1, epochs >= 1, physical_batch_size >= 1; got "
                           f"{max_grad_norm}, {augmult}, {epochs}, {physical_batch_size}")
     accounting.check_delta(delta, loader.num_examples)
-    problems = _privacy_problems(model)
+    problems = privacy_problems(model)
     if problems or hasattr(model, "init_from_data"):
         raise ConfigError("the model has layers DP-SGD cannot train (e.g. BatchNorm); pass it through "
                           "cifarlab.privacy.prepare_model first")
@@ -295,6 +277,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
     dp_optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=sample_rate))
     return PrivateTraining(
         model=model, optimizer=dp_optimizer, loader=private_loader, accountant=acc, accountant_name=accountant,
-        noise_multiplier=float(noise_multiplier), max_grad_norm=max_grad_norm, delta=delta, sample_rate=sample_rate,
-        poisson=poisson, augmult=augmult, physical_batch_size=physical_batch_size, grad_sample_mode=grad_sample_mode,
-        target_epsilon=target_epsilon, ema=ParamEMA(model, ema) if ema is not None else None, prior=prior)
+        noise_multiplier=float(noise_multiplier), delta=delta, sample_rate=sample_rate, poisson=poisson,
+        augmult=augmult, physical_batch_size=physical_batch_size, grad_sample_mode=grad_sample_mode,
+        clip_norm_for_lr=clip_norm_for_lr, target_epsilon=target_epsilon,
+        ema=ParamEMA(model, ema) if ema is not None else None, prior=prior)

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from cifarlab.config import RunConfig
-from cifarlab.data.augment import Augment
-from cifarlab.data.loader import select_classes
+from cifarlab.data.loader import augment_from_config, select_classes
+from cifarlab.data.preprocess import to_float, to_uint8
 from cifarlab.data.sources import load_dataset, stratified_indices
 from cifarlab.report.plots import plot_image_grid
 
@@ -17,13 +17,8 @@ def show_augmented(config: RunConfig, *, count: int = 32, out: Path = Path("samp
     dataset = load_dataset(config.data.path, name=config.data.dataset, download=config.data.download)
     train, _, classes = select_classes(dataset, config.data.classes)
     picked = train.subset(stratified_indices(train.labels, min(count, len(train.labels)), seed=config.train.seed))
-    data = config.data
-    augment = Augment(
-        crop_padding=data.crop_padding, pad_mode=data.pad_mode, translate=data.translate, flip=data.flip, cutout=data.cutout
-    )
     generator = torch.Generator().manual_seed(config.train.seed)
-    images = augment(picked.images.float() / 255, generator)
-    as_uint8 = (images * 255).round().clamp(0, 255).to(torch.uint8)  # (N, 3, H, W)
+    as_uint8 = to_uint8(augment_from_config(config.data)(to_float(picked.images), generator))  # (N, 3, H, W)
     title = f"{len(as_uint8)} augmented training images ({dataset.source})"
     plot_image_grid(as_uint8, picked.labels, classes, out, title=title)
     return out

@@ -20,7 +20,6 @@ earlier seed of the process.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import statistics
 import time
@@ -31,13 +30,12 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from cifarlab.config import RunConfig, merge
-from cifarlab.data.loader import BatchLoader, prepare_data
+from cifarlab.data.loader import BatchLoader
 from cifarlab.errors import ConfigError
-from cifarlab.io import write_text
+from cifarlab.io import write_csv
 from cifarlab.report.run_report import format_table
 from cifarlab.hardware import resolve_device
-from cifarlab.train.engine import fit
-from cifarlab.train.run import build_model, private_fit_args
+from cifarlab.train.run import build_data, build_run
 
 COLUMNS = (
     "recipe", "model", "model_args", "threshold", "eval_from", "seeds", "reached", "seconds_mean", "seconds_min",
@@ -85,26 +83,24 @@ def train_once(config: RunConfig, *, eval_from: int = 1) -> dict[str, Any]:
     device = resolve_device(config.train.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(config.train.seed)
-    data = prepare_data(config.data, device=device, seed=config.train.seed, batch_size=config.train.batch_size,
-                        eval_batch_size=config.train.eval_batch_size, progress=config.train.progress)
+    data = build_data(config, device=device)
     start = time.perf_counter()
-    model, data, private, _ = build_model(config, data)  # as `cifarlab train`, --dp included
-    test = TimedLoader(data.evals["test"])
-    data = replace(data, evals={**data.evals, "test": test})
+    run = build_run(config, data=data)  # as `cifarlab train`, --dp included
+    test = TimedLoader(run.data.evals["test"])
+    run.data = replace(run.data, evals={**run.data.evals, "test": test})
     setup_seconds = time.perf_counter() - start
-    result = fit(model, data=data, config=config, eval_from=eval_from, **private_fit_args(private))
+    result = run.fit(eval_from=eval_from)
     skipped = min(eval_from, config.train.epochs + 1) - 1
     return {
         "test_acc": [row["test_acc"] for row in result.history],
         "epoch_seconds": [row["epoch_seconds"] for row in result.history],
         "eval_seconds": [None] * skipped + test.seconds,
         "setup_seconds": setup_seconds,
-        "images_per_second": result.summary["images_per_second"],
+        "images_per_second": result.images_per_second,
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "data_source": data.source,
-        "epsilon": private.summary()["epsilon"] if private is not None else None,
+        "epsilon": run.variant.epsilon() if config.dp.enabled else None,
     }
 
 
@@ -180,9 +176,4 @@ def append_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
             reader = csv.DictReader(f)
             old = list(reader)
             columns += [c for c in reader.fieldnames or () if c not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(old)
-    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
-    return write_text(path, buffer.getvalue())
+    return write_csv(path, [*old, *rows], columns)

@@ -7,6 +7,7 @@ checkpoint can never execute code. Writes are atomic: a killed run keeps its pre
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, Preprocessor, tuple[str, ...], RunConfig]:
-    """Rebuild the model (eval mode), its preprocessing and class names from a checkpoint file alone."""
+@dataclass
+class LoadedModel:
+    """A checkpoint's network (eval mode) with what it needs to be used: its preprocessing, class names and the
+    resolved config of the run that trained it."""
+
+    model: nn.Module
+    preprocess: Preprocessor
+    classes: tuple[str, ...]
+    config: RunConfig
+
+
+def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the model, its preprocessing and class names from a checkpoint file alone."""
     payload = read_checkpoint(path)
     config = RunConfig.from_dict(payload["config"], source=str(path))
     classes = tuple(payload["classes"])
     model = create_model(config.model.name, num_classes=len(classes), **config.model.args)
     if config.dp.enabled:  # trained privately: the same BatchNorm -> GroupNorm replacement as in training
-        from cifarlab.privacy.dpsgd import prepare_model
+        from cifarlab.models.per_example import prepare_model  # imports Opacus: only for private runs
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the replacement was announced when the run was trained
@@ -58,4 +70,4 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> tuple
     except RuntimeError as error:
         raise CheckpointError(f"weights in {path} do not fit model {config.model.name!r}: {error}") from None
     preprocess = Preprocessor.from_state(payload["preprocess"])
-    return model.to(device).eval(), preprocess.to(device), classes, config
+    return LoadedModel(model=model.to(device).eval(), preprocess=preprocess.to(device), classes=classes, config=config)

@@ -1,21 +1,18 @@
-"""The one training loop every feature uses (plain, DP-SGD, SGLD, continual backbones).
+"""The one training loop every feature uses (plain, DP-SGD, SGLD, SGLD-DP, continual baselines).
 
 `fit` trains `model` on a TrainData for config.train.epochs, evaluating every epoch, writing the run folder
-(metrics.csv, last.pt, best.pt, summary.json) as it goes. Features change what happens to a batch by passing
-`train_step` (DP-SGD clips and noises per-sample gradients) and add per-epoch metrics or side effects with
-`on_epoch_end` (epsilon spent, posterior samples); they do not get a trainer of their own.
+(metrics.csv, last.pt, best.pt) as it goes. What a batch does to the model is the training variant's business
+(cifarlab.train.variant): DP-SGD clips and noises per-example gradients, SGLD adds Langevin noise; the loop
+only schedules the learning rate, seeds each epoch, evaluates and checkpoints.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +23,12 @@ from cifarlab.config import RunConfig
 from cifarlab.data.loader import BatchLoader, TrainData
 from cifarlab.errors import CifarlabError
 from cifarlab.hardware import autocast_for
-from cifarlab.io import write_text
+from cifarlab.io import write_csv
 from cifarlab.train import distributed
 from cifarlab.train.checkpoint import save_checkpoint
 from cifarlab.train.optim import build_optimizer, build_scheduler
+from cifarlab.train.tracking import TensorBoardLog
+from cifarlab.train.variant import PlainTraining, TrainingVariant
 
 METRIC_COLUMNS = (
     "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
@@ -42,22 +41,6 @@ class TrainingDiverged(CifarlabError):
 
 
 @dataclass
-class StepResult:
-    loss_sum: torch.Tensor | float  # summed (not averaged) over the batch; tensors avoid a GPU sync per step
-    correct: torch.Tensor | int
-    count: int
-
-
-TrainStep = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor], StepResult]
-EpochHook = Callable[[int, nn.Module], "dict[str, float] | None"]
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
-
-
-@dataclass
 class EvalResult:
     loss: float
     accuracy: float
@@ -67,27 +50,18 @@ class EvalResult:
 
 @dataclass
 class FitResult:
-    model: nn.Module
-    history: list[dict[str, float | None]]
-    summary: dict[str, Any]
+    model: nn.Module  # the trained weights (last epoch)
+    history: list[dict[str, float | None]]  # one metrics row per epoch, resumed epochs included
     run_dir: Path | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    selection: str  # how best.pt was chosen: "val_acc", or "last_epoch" without a validation split
+    train_seconds: float
+    images_per_second: float  # mean over the epochs
 
 
-def standard_step(*, label_smoothing: float = 0.0, grad_clip: float | None = None) -> TrainStep:
-    """Forward, cross-entropy, backward, optional global-norm clipping, optimizer step."""
-
-    def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        logits = model(x)  # (B, classes)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        return StepResult(loss.detach() * len(y), (logits.argmax(1) == y).sum(), len(y))
-
-    return step
+def plain_training(model: nn.Module, config: RunConfig) -> PlainTraining:
+    """The default variant: the config's optimizer over the model's trainable parameters."""
+    return PlainTraining(build_optimizer(model, config.optim), label_smoothing=config.optim.label_smoothing,
+                         grad_clip=config.optim.grad_clip)
 
 
 @torch.no_grad()
@@ -116,164 +90,132 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-def fit(
-    model: nn.Module,
-    *,
-    data: TrainData,
-    config: RunConfig,
-    run_dir: Path | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    train_step: TrainStep | None = None,
-    on_epoch_end: EpochHook | None = None,
-    extra_state: dict[str, Stateful] | None = None,
-    resume: dict[str, Any] | None = None,
-    checkpoint_extra: dict[str, Any] | None = None,
-    eval_model: nn.Module | None = None,
-    eval_from: int = 1,
-) -> FitResult:
-    """Train and evaluate; `resume` is a checkpoint payload (see checkpoint.read_checkpoint) to continue from.
+def fit(model: nn.Module, *, data: TrainData, config: RunConfig, variant: TrainingVariant | None = None,
+        run_dir: Path | None = None, resume: dict[str, Any] | None = None, eval_from: int = 1) -> FitResult:
+    """Train with `variant` (default: plain training); `resume` is a last.pt payload (checkpoint.read_checkpoint).
 
     `eval_from` > 1 skips the evaluations of the epochs before it (their rows have no eval metrics): for benchmarks
     of long schedules whose early epochs cannot reach the threshold; a run folder needs every epoch's metrics.
-
-    `eval_model` (e.g. an EMA copy of the weights) is what gets evaluated and saved as best.pt, when given;
-    last.pt always holds the trained weights, so a resumed run continues from them.
     """
-    train_cfg = config.train
     if eval_from > 1 and run_dir is not None:
         raise ValueError("fit: eval_from > 1 leaves epochs without metrics; it is for runs without a run folder")
-    device = data.train.labels.device
-    channels_last = train_cfg.channels_last if train_cfg.channels_last is not None else device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    if eval_model is not None:
-        eval_model.to(device, memory_format=memory_format)
-    optimizer = optimizer or build_optimizer(model, config.optim)
-    steps_per_epoch = len(data.train)
-    scheduler = build_scheduler(optimizer, config.optim, epochs=train_cfg.epochs, steps_per_epoch=steps_per_epoch)
-    step = train_step or standard_step(label_smoothing=config.optim.label_smoothing, grad_clip=config.optim.grad_clip)
-    forward_model = distributed.wrap_model(model)  # DDP under torchrun; `model` stays the unwrapped one we save
-    forward_model = torch.compile(forward_model) if train_cfg.compile else forward_model
-    train_loader = distributed.shard_loader(data.train)  # this rank's slice of every batch
-    autocast = autocast_for(device, train_cfg.precision)
-    extra_state = extra_state or {}
-
-    history: list[dict[str, float | None]] = []
-    start_epoch, best_score, train_seconds = 0, -math.inf, 0.0
+    loop = _Loop(model, data=data, config=config, variant=variant, run_dir=run_dir)
     if resume is not None:
-        model.load_state_dict(resume["model_state"])
-        optimizer.load_state_dict(resume["optimizer_state"])
-        scheduler.load_state_dict(resume["scheduler_state"])
-        for name, obj in extra_state.items():
-            obj.load_state_dict(resume["extra_state"][name])
-        history = list(resume["history"])
-        start_epoch, best_score, train_seconds = resume["epoch"] + 1, resume["best_score"], resume["train_seconds"]
+        loop.restore(resume)
+    bar = tqdm(total=(config.train.epochs - loop.start_epoch) * len(data.train), unit="batch", dynamic_ncols=True,
+               disable=not (config.train.progress and distributed.context().is_main))
+    for epoch in range(loop.start_epoch, config.train.epochs):
+        row = loop.train_epoch(epoch, bar)
+        for name, loader in data.evals.items() if epoch + 1 >= eval_from else ():
+            result = evaluate(loop.eval_model, loader, autocast=loop.autocast)
+            row[f"{name}_loss"], row[f"{name}_acc"] = result.loss, result.accuracy
+        row.update(loop.variant.on_epoch_end(epoch, loop.model))
+        loop.history.append(row)
+        bar.set_postfix(epoch=f"{epoch + 1}/{config.train.epochs}", loss=f"{row['train_loss']:.3f}",
+                        acc=f"{row['train_acc']:.3f}", img_s=f"{row['images_per_second']:.0f}",
+                        **{name: f"{row[f'{name}_acc']:.3f}" for name in data.evals
+                           if row.get(f"{name}_acc") is not None})
+        if run_dir is not None:
+            loop.save(epoch)
+    bar.close()
+    if loop.tensorboard is not None:
+        loop.tensorboard.close()
+    return FitResult(model=loop.model, history=loop.history, run_dir=run_dir, selection=loop.selection,
+                     train_seconds=loop.train_seconds,
+                     images_per_second=sum(r["images_per_second"] for r in loop.history) / len(loop.history))
 
-    # Without a validation set the test set must not pick the epoch (that would be optimistic): the last one is "best".
-    selection = "val_acc" if "val" in data.evals else "last_epoch"
-    bar = tqdm(
-        total=(train_cfg.epochs - start_epoch) * steps_per_epoch,
-        disable=not (train_cfg.progress and distributed.context().is_main),
-        unit="batch",
-        dynamic_ncols=True,
-    )
-    for epoch in range(start_epoch, train_cfg.epochs):
-        torch.manual_seed(epoch_seed(train_cfg.seed, epoch))  # dropout, stochastic depth
-        generator = torch.Generator(device=device).manual_seed(epoch_seed(train_cfg.seed, epoch))
-        model.train()
+
+class _Loop:
+    """The state `fit` carries from epoch to epoch, and the work of one epoch."""
+
+    def __init__(self, model: nn.Module, *, data: TrainData, config: RunConfig, variant: TrainingVariant | None,
+                 run_dir: Path | None) -> None:
+        device = data.train.labels.device
+        channels_last = config.train.channels_last if config.train.channels_last is not None else device.type == "cuda"
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
+        variant = variant or plain_training(self.model, config)  # built on the device, as the variants given are
+        if variant.eval_model is not None:
+            variant.eval_model.to(device, memory_format=self.memory_format)
+        self.eval_model = variant.eval_model or self.model  # evaluated and saved as best.pt
+        self.data, self.config, self.variant, self.run_dir, self.device = data, config, variant, run_dir, device
+        self.scheduler = build_scheduler(variant.optimizer, config.optim, epochs=config.train.epochs,
+                                         steps_per_epoch=len(data.train))
+        forward_model = distributed.wrap_model(model)  # DDP under torchrun; `model` stays the unwrapped one we save
+        self.forward_model = torch.compile(forward_model) if config.train.compile else forward_model
+        self.train_loader = distributed.shard_loader(data.train)  # this rank's slice of every batch
+        self.autocast = autocast_for(device, config.train.precision)
+        self.history: list[dict[str, float | None]] = []
+        self.start_epoch, self.best_score, self.train_seconds = 0, -math.inf, 0.0
+        # Without a validation set the test set must not pick the epoch (that would be optimistic): the last is "best".
+        self.selection = "val_acc" if "val" in data.evals else "last_epoch"
+        # A view of metrics.csv: written where the run folder is (rank 0), checked for tensorboard before epoch 1.
+        self.tensorboard = TensorBoardLog(run_dir) if config.train.tensorboard and run_dir is not None else None
+
+    def restore(self, resume: dict[str, Any]) -> None:
+        self.model.load_state_dict(resume["model_state"])
+        self.variant.optimizer.load_state_dict(resume["optimizer_state"])
+        self.scheduler.load_state_dict(resume["scheduler_state"])
+        self.variant.load_state_dict(resume["variant_state"])
+        self.history = list(resume["history"])
+        self.start_epoch, self.best_score = resume["epoch"] + 1, resume["best_score"]
+        self.train_seconds = resume["train_seconds"]
+
+    def train_epoch(self, epoch: int, bar: tqdm) -> dict[str, float | None]:
+        """Train one epoch; its metrics row, without evaluations."""
+        seed = epoch_seed(self.config.train.seed, epoch)
+        torch.manual_seed(seed)  # dropout, stochastic depth
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        for x, y in train_loader.batches(generator):
-            x = x.contiguous(memory_format=memory_format)
-            with autocast():
-                result = step(forward_model, optimizer, x, y)
-            scheduler.step()
+        lr = self.variant.optimizer.param_groups[0]["lr"]
+        for x, y in self.train_loader.batches(generator):
+            with self.autocast():
+                result = self.variant.step(self.forward_model, x.contiguous(memory_format=self.memory_format), y)
+            self.scheduler.step()
             loss_sum, correct, seen = loss_sum + result.loss_sum, correct + result.correct, seen + result.count
             bar.update()
-            if bar.n % 20 == 0 and train_cfg.progress:  # reading the sums syncs the GPU: not every step
-                bar.set_postfix(
-                    epoch=f"{epoch + 1}/{train_cfg.epochs}",
-                    loss=f"{float(loss_sum) / max(1, seen):.3f}",
-                    acc=f"{float(correct) / max(1, seen):.3f}",
-                    img_s=f"{seen / (time.perf_counter() - start):.0f}",
-                    refresh=False,
-                )
-        if device.type == "cuda":
+            if bar.n % 20 == 0 and self.config.train.progress:  # reading the sums syncs the GPU: not every step
+                bar.set_postfix(epoch=f"{epoch + 1}/{self.config.train.epochs}", refresh=False,
+                                loss=f"{float(loss_sum) / max(1, seen):.3f}",
+                                acc=f"{float(correct) / max(1, seen):.3f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
         loss_sum, correct, seen = distributed.all_reduce_sums(loss_sum, correct, seen)
         epoch_seconds = time.perf_counter() - start
-        train_seconds += epoch_seconds
+        self.train_seconds += epoch_seconds
         train_loss = float(loss_sum) / max(1, seen)
         if not math.isfinite(train_loss):
             bar.close()
-            raise TrainingDiverged(
-                f"training loss became {train_loss} in epoch {epoch + 1}; "
-                f"{'the last good checkpoint is ' + str(run_dir / 'last.pt') if run_dir else 'nothing was saved'}. "
-                "Lower --lr, add warmup (--warmup-epochs) or gradient clipping (--grad-clip)."
-            )
+            saved = f"the last good checkpoint is {self.run_dir / 'last.pt'}" if self.run_dir else "nothing was saved"
+            raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch + 1}; {saved}. Lower --lr, add "
+                                   "warmup (--warmup-epochs) or gradient clipping (--grad-clip).")
         row: dict[str, float | None] = dict.fromkeys(METRIC_COLUMNS)
-        row.update(
-            epoch=epoch + 1,
-            lr=lr,
-            train_loss=train_loss,
-            train_acc=float(correct) / max(1, seen),
-            epoch_seconds=epoch_seconds,
-            images_per_second=seen / epoch_seconds,
-        )
-        for name, loader in data.evals.items() if epoch + 1 >= eval_from else ():
-            result = evaluate(eval_model or model, loader, autocast=autocast)
-            row[f"{name}_loss"], row[f"{name}_acc"] = result.loss, result.accuracy
-        if on_epoch_end is not None:
-            row.update(on_epoch_end(epoch, model) or {})
-        history.append(row)
-        bar.set_postfix(
-            epoch=f"{epoch + 1}/{train_cfg.epochs}",
-            loss=f"{train_loss:.3f}",
-            acc=f"{row['train_acc']:.3f}",
-            **{name: f"{row[f'{name}_acc']:.3f}" for name in data.evals if row.get(f"{name}_acc") is not None},
-            img_s=f"{row['images_per_second']:.0f}",
-        )
+        row.update(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=float(correct) / max(1, seen),
+                   epoch_seconds=epoch_seconds, images_per_second=seen / epoch_seconds)
+        return row
 
-        if run_dir is not None:
-            score = row["val_acc"] if selection == "val_acc" else epoch
-            improved = score > best_score
-            best_score = max(best_score, score)
-            state = dict(
-                config=config.to_dict(),
-                preprocess=data.preprocess.state(),
-                classes=list(data.classes),
-                epoch=epoch,
-                **(checkpoint_extra or {}),
-            )
-            if improved:
-                save_checkpoint(run_dir / "best.pt", **state, model_state=(eval_model or model).state_dict())
-            save_checkpoint(
-                run_dir / "last.pt",
-                **state,
-                model_state=model.state_dict(),
-                optimizer_state=optimizer.state_dict(),
-                scheduler_state=scheduler.state_dict(),
-                extra_state={name: obj.state_dict() for name, obj in extra_state.items()},
-                history=history,
-                best_score=best_score,
-                train_seconds=train_seconds,
-            )
-            write_metrics_csv(run_dir / "metrics.csv", history)
-    bar.close()
-    summary = {
-        "selection": selection,
-        "train_seconds": train_seconds,
-        "images_per_second": sum(r["images_per_second"] for r in history) / len(history),
-    }
-    return FitResult(model=model, history=history, summary=summary, run_dir=run_dir)
+    def save(self, epoch: int) -> None:
+        """best.pt when the epoch is the best so far, last.pt (everything a resume needs) and metrics.csv."""
+        row = self.history[-1]
+        score = row["val_acc"] if self.selection == "val_acc" else epoch
+        improved = score > self.best_score
+        self.best_score = max(self.best_score, score)
+        state = dict(config=self.config.to_dict(), preprocess=self.data.preprocess.state(),
+                     classes=list(self.data.classes), epoch=epoch)
+        if improved:
+            save_checkpoint(self.run_dir / "best.pt", **state, model_state=self.eval_model.state_dict())
+        save_checkpoint(self.run_dir / "last.pt", **state, model_state=self.model.state_dict(),
+                        optimizer_state=self.variant.optimizer.state_dict(),
+                        scheduler_state=self.scheduler.state_dict(), variant_state=self.variant.state_dict(),
+                        history=self.history, best_score=self.best_score, train_seconds=self.train_seconds)
+        write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+        if self.tensorboard is not None:
+            self.tensorboard.log(row)
 
 
 def write_metrics_csv(path: Path, history: list[dict[str, float | None]]) -> None:
     columns = list(METRIC_COLUMNS) + sorted({key for row in history for key in row} - set(METRIC_COLUMNS))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({key: "" if row.get(key) is None else row[key] for key in columns})
-    write_text(path, buffer.getvalue())
+    write_csv(path, history, columns)

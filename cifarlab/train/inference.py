@@ -4,15 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from cifarlab.data.loader import BatchLoader, select_classes
-from cifarlab.data.sources import Split, load_dataset, stratified_indices
+from cifarlab.data.sources import Split, decode_image, load_dataset, stratified_indices
 from cifarlab.errors import DataError
 from cifarlab.io import write_json
-from cifarlab.report.metrics import confusion_matrix, per_class_accuracy
+from cifarlab.metrics import confusion_matrix, per_class_accuracy
 from cifarlab.train.checkpoint import load_model
 from cifarlab.hardware import autocast_for, resolve_device
 from cifarlab.train.engine import evaluate
@@ -31,7 +30,8 @@ def evaluate_checkpoint(
     The data defaults to the checkpoint's own; its class names must match the checkpoint's.
     """
     torch_device = resolve_device(device)
-    model, preprocess, classes, config = load_model(checkpoint, device=torch_device)
+    loaded = load_model(checkpoint, device=torch_device)
+    model, preprocess, classes, config = loaded.model, loaded.preprocess, loaded.classes, loaded.config
     dataset = load_dataset(data or config.data.path, name=config.data.dataset, download=config.data.download)
     _, test, dataset_classes = select_classes(dataset, config.data.classes)
     if tuple(dataset_classes) != tuple(classes):
@@ -56,14 +56,10 @@ def evaluate_checkpoint(
     return report
 
 
-def read_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
-    """An image file as uint8 (3, H, W), converted to RGB and resized to `size` (H, W) when it differs."""
+def _read_file(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """An image file as uint8 (3, H, W) at `size` (H, W), its errors worded for a file named by the user."""
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
+        array = decode_image(path, size)
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as error:
@@ -77,8 +73,9 @@ def predict_files(
 ) -> Iterator[tuple[str, dict[str, float]]]:
     """(path, {class: probability}) for each image file."""
     torch_device = resolve_device(device)
-    model, preprocess, classes, _ = load_model(checkpoint, device=torch_device)
-    images = torch.stack([read_image(path, input_size) for path in paths]).to(torch_device)
+    loaded = load_model(checkpoint, device=torch_device)
+    model, preprocess, classes = loaded.model, loaded.preprocess, loaded.classes
+    images = torch.stack([_read_file(path, input_size) for path in paths]).to(torch_device)
     probabilities = model(preprocess.from_uint8(images)).softmax(1).cpu()
     for path, row in zip(paths, probabilities):
         yield path, dict(zip(classes, row.tolist()))

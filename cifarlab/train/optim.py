@@ -15,17 +15,20 @@ from cifarlab.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """The config's optimizer over the model's trainable parameters; with weight_decay_on "weights", parameters
+    with fewer than 2 dimensions (norm layers' scales and shifts, biases) are not decayed (as in nanoGPT)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    groups: list = params
+    if config.weight_decay_on == "weights":
+        groups = [{"params": [p for p in params if p.ndim >= 2]},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+            groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
         )
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    # "sgld" needs the dataset size and temperature: cifarlab.uncertainty builds it and passes it to fit().
-    raise ValueError(f"build_optimizer cannot build {config.optimizer!r} without its feature module")
+        return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def lr_factor(config: OptimConfig, *, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:

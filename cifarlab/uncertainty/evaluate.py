@@ -15,10 +15,12 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from cifarlab.data.preprocess import to_float
 from cifarlab.data.sources import Split, stratified_indices
 from cifarlab.io import atomic_write, write_json
 from cifarlab.uncertainty.baselines import fit_temperature, temperature_scale
-from cifarlab.uncertainty.metrics import (ReliabilityBins, auroc, bins_ece, calibrated_ece, classification_metrics,
+from cifarlab.metrics import auroc
+from cifarlab.uncertainty.metrics import (ReliabilityBins, bins_ece, calibrated_ece, classification_metrics,
                                           predictive_entropy, reliability_bins)
 from cifarlab.uncertainty.ood import CORRUPTIONS, SEVERITIES, corrupt
 
@@ -50,7 +52,7 @@ def evaluate_uncertainty(
     """
 
     def probs_of(images: Tensor) -> Tensor:
-        return predict(preprocess(images.float() / 255)).float().cpu()
+        return predict(preprocess(to_float(images))).float().cpu()
 
     start = time.perf_counter()
     probs = probs_of(test.images)
@@ -67,10 +69,10 @@ def evaluate_uncertainty(
         ood_probs = probs_of(ood_images)
         results["ood_images"] = len(ood_images)
         results["ood_entropy"] = predictive_entropy(ood_probs).mean().item()
-        results["ood_auroc"] = auroc(predictive_entropy(probs), predictive_entropy(ood_probs))
+        results["ood_auroc"] = auroc(predictive_entropy(ood_probs), predictive_entropy(probs))
         if temperature is not None:
             ood_scaled = temperature_scale(ood_probs, temperature)
-            results["ood_auroc_ts"] = auroc(predictive_entropy(scaled), predictive_entropy(ood_scaled))
+            results["ood_auroc_ts"] = auroc(predictive_entropy(ood_scaled), predictive_entropy(scaled))
 
     # a class-balanced subset: test splits are often ordered by class
     subset = torch.arange(len(labels)) if corruption_images is None or corruption_images >= len(labels) else \
@@ -119,7 +121,7 @@ def _shift_metrics(shifted: Tensor, clean: Tensor, labels: Tensor) -> dict[str, 
     return {
         **{k: metrics[k] for k in ("accuracy", "nll", "ece")},
         # can entropy tell the corrupted copy from the clean image? (0.5: not at all)
-        "auroc_vs_clean": auroc(predictive_entropy(clean), predictive_entropy(shifted)),
+        "auroc_vs_clean": auroc(predictive_entropy(shifted), predictive_entropy(clean)),
     }
 
 

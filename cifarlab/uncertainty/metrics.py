@@ -2,14 +2,12 @@
 
 Every method (plain network, temperature scaling, MC dropout, ensembles, SGLD) ends in a predictive
 distribution p(y | x), an average of softmax outputs, so all metrics take probabilities, not logits.
-Definitions follow Guo et al. 2017 (ECE, reliability diagram) and Ovadia et al. 2019 (Brier, OOD AUROC).
+Definitions follow Guo et al. 2017 (ECE, reliability diagram) and Ovadia et al. 2019 (Brier; the OOD AUROC is cifarlab.metrics.auroc).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import scipy.stats
 import torch
 from torch import Tensor
 
@@ -104,22 +102,6 @@ def calibrated_ece(probs: Tensor, *, draws: int = 1000, n_bins: int = ECE_BINS,
     sum_confidence = torch.bincount(index, weights=confidence, minlength=n_bins)  # (B,), the same every draw
     # sum over bins of (n_b / N) |acc_b - conf_b| = sum over bins of |sum correct - sum confidence| / N
     return ((sum_correct - sum_confidence).abs().sum(dim=1) / len(confidence)).mean().item()
-
-
-def auroc(scores_in: Tensor, scores_out: Tensor) -> float:
-    """Area under the ROC curve for telling OOD from in-distribution by a score (higher = more OOD).
-
-    Equals P(score_out > score_in) + P(tie) / 2, computed with the Mann-Whitney rank formula
-    (average ranks for ties) in O(n log n): AUROC = (R_out - n_out (n_out + 1) / 2) / (n_in n_out).
-    """
-    if scores_in.dim() != 1 or scores_out.dim() != 1 or len(scores_in) == 0 or len(scores_out) == 0:
-        raise ValueError(f"need two non-empty 1-D score tensors, got {tuple(scores_in.shape)} "
-                         f"and {tuple(scores_out.shape)}")
-    both = np.concatenate([scores_in.double().cpu().numpy(), scores_out.double().cpu().numpy()])
-    ranks = scipy.stats.rankdata(both, method="average")
-    n_in, n_out = len(scores_in), len(scores_out)
-    rank_sum_out = ranks[n_in:].sum()
-    return float((rank_sum_out - n_out * (n_out + 1) / 2) / (n_in * n_out))
 
 
 def classification_metrics(probs: Tensor, labels: Tensor) -> dict[str, float]:

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cifarlab.config import SEVERITIES
+from cifarlab.data.preprocess import to_float, to_uint8
 from cifarlab.data.sources import Split
 from cifarlab.errors import ConfigError
 
 Corruption = Callable[[Tensor, int, "torch.Generator | None"], Tensor]
-SEVERITIES = (1, 2, 3, 4, 5)
 
 
 def gaussian_noise(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
@@ -66,7 +67,7 @@ def brightness(x: Tensor, severity: int, generator: torch.Generator | None = Non
     return torch.where(value > 0, scaled, new_value.expand_as(x)).clamp(0, 1)
 
 
-CORRUPTIONS: dict[str, Corruption] = {
+CORRUPTIONS: dict[str, Corruption] = {  # the names of config.CORRUPTIONS
     "gaussian_noise": gaussian_noise,
     "shot_noise": shot_noise,
     "gaussian_blur": gaussian_blur,
@@ -83,8 +84,7 @@ def corrupt(images: Tensor, name: str, severity: int, *, generator: torch.Genera
         raise ConfigError(f"corruption severity must be one of {SEVERITIES}, got {severity}")
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
-    x = CORRUPTIONS[name](images.float() / 255, severity, generator)
-    return (x * 255).round().to(torch.uint8)
+    return to_uint8(CORRUPTIONS[name](to_float(images), severity, generator))
 
 
 def held_out_classes(split: Split, kept: list[int] | None) -> Split | None:

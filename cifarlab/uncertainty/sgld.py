@@ -19,12 +19,14 @@ import copy
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cifarlab.errors import CheckpointError, ConfigError
 from cifarlab.io import load_tensors, save_tensors
+from cifarlab.train.variant import PlainTraining, StepResult, TrainingVariant
 
 
 class SGLD(torch.optim.Optimizer):
@@ -75,6 +77,24 @@ class SGLD(torch.optim.Optimizer):
                     noise = torch.randn(p.shape, generator=self.generator, device=p.device, dtype=p.dtype)
                     p.add_(noise, alpha=noise_std)
         return loss
+
+
+class SGLDTraining(PlainTraining):
+    """SGLD as a training variant: the plain step with the SGLD optimizer, whose noise comes from its own generator
+    (seeded with `seed`, on `device`) so that a resumed run draws the noise an uninterrupted one would."""
+
+    def __init__(self, model: nn.Module, *, lr: float, num_data: int, weight_decay: float, temperature: float,
+                 seed: int, device: torch.device, label_smoothing: float = 0.0, grad_clip: float | None = None) -> None:
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        optimizer = SGLD([p for p in model.parameters() if p.requires_grad], lr=lr, num_data=num_data,
+                         weight_decay=weight_decay, temperature=temperature, generator=self.generator)
+        super().__init__(optimizer, label_smoothing=label_smoothing, grad_clip=grad_clip)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
 
 
 def polynomial_decay(optimizer: torch.optim.Optimizer, *, b: float, gamma: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -128,6 +148,18 @@ class SampleCollector:
     def __len__(self) -> int:
         return len(self._files) if self.directory is not None else len(self._memory)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The samples kept so far: file names (kept on disk) or the states themselves (kept in memory)."""
+        if self.directory is None:
+            return {"memory": list(self._memory)}
+        return {"files": [path.name for path in self._files]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.directory is None:
+            self._memory = list(state["memory"])
+        else:
+            self._files = [self.directory / name for name in state["files"]]
+
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         if self.directory is None:
             yield from self._memory
@@ -137,6 +169,33 @@ class SampleCollector:
                 yield load_tensors(path, what="posterior sample")
             except Exception as error:  # truncated or foreign file: name it
                 raise CheckpointError(f"cannot read posterior sample {path}: {error}") from None
+
+
+class PosteriorSampling:
+    """A training variant (SGLD, SGLD-DP) whose weights at each epoch's end are offered to a SampleCollector
+    (t counts epochs); the epoch's metrics row gets the number of samples kept."""
+
+    def __init__(self, variant: TrainingVariant, collector: SampleCollector) -> None:
+        self.variant, self.collector = variant, collector
+        self.optimizer = variant.optimizer
+
+    @property
+    def eval_model(self) -> nn.Module | None:
+        return self.variant.eval_model
+
+    def step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepResult:
+        return self.variant.step(model, x, y)
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, float]:
+        self.collector.offer(epoch, model)
+        return {"posterior_samples": float(len(self.collector)), **self.variant.on_epoch_end(epoch, model)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"variant": self.variant.state_dict(), "samples": self.collector.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.variant.load_state_dict(state["variant"])
+        self.collector.load_state_dict(state["samples"])
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ prior (weight decay), epochs, batch size and step sizes a (b + t)^-gamma:
 
 - sgld: SGLD (cifarlab.uncertainty.sgld), `chains` independent chains, one sample per chain and epoch after burn-in.
   One chain stays near one mode in 100 epochs; pooling chains started from different initialisations is
-  ordinary MCMC practice and is what makes the gap visible (see the README for the one-chain numbers).
+  ordinary MCMC practice and is what makes the gap visible (benchmarks/uncertainty_sine.py shows one chain beside them).
 - ensemble: `members` networks trained by SGD from different initialisations and batch orders
   (Lakshminarayanan et al. 2017, without their variance head: the noise std is known here).
 - mc-dropout: one network with dropout after each hidden layer, `passes` stochastic passes (Gal & Ghahramani 2016).

@@ -1,140 +1,93 @@
 """Train a classifier for predictive uncertainty with the one engine, then evaluate it (`evaluate_uncertainty`).
 
-Each method is the ordinary run plus one change:
+The method and its settings are the `uncertainty` section of the RunConfig (config.UncertaintyConfig). Each method
+is the ordinary run (train.run.build_run) plus one change:
 - none: the plain network (its temperature-scaled version is reported too, when there is a validation set).
 - mc-dropout: the same run; at test time `passes` passes with dropout on (the model must have dropout).
 - ensemble: `members` ordinary runs with seeds seed, seed+1, ... in member_<k>/.
-- sgld: the SGLD optimizer (no momentum; step `sgld_lr`, default optim.lr, with the run's schedule;
+- sgld: the SGLD training variant (no momentum; step `sgld_lr`, default optim.lr, with the run's schedule;
   optim.weight_decay as the prior), one posterior sample per epoch after `burn_in` epochs, every `thin` epochs,
   kept in samples/ or in memory.
-- sgld-dp: DP-SGD with Li et al.'s clipping norm (per-example clipping of cifarlab.privacy, Opacus's noise) and
-  Poisson batches (sgld_dp.py), the step as sgld; one sample per epoch as sgld; metrics.csv gets the epsilon
-  spent and the fraction of clipped gradients.
+- sgld-dp: DP-SGD configured as SGLD (Li et al.'s clipping norm, Poisson batches; sgld_dp.py), samples as sgld;
+  metrics.csv gets the epsilon spent and the fraction of clipped gradients.
 
 The test set is scored once, at the end (evaluate_uncertainty); during training the engine evaluates only the
 validation split, which picks the best epoch and fits the temperature.
 
-Run folder: config.yaml (the resolved RunConfig, with the optimizer as the method ran it), uncertainty.yaml
-(this module's options), the engine's metrics.csv / best.pt / last.pt, samples/ or member_<k>/, summary.json,
-uncertainty.json and the plots.
+Run folder: config.yaml (the resolved RunConfig, with the optimizer as the method ran it), the engine's
+metrics.csv / best.pt / last.pt, samples/ or member_<k>/, summary.json, uncertainty.json and the plots.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from cifarlab.config import RunConfig
-from cifarlab.data.loader import TrainData, prepare_data
+from cifarlab.config import SAMPLING_METHODS, RunConfig
+from cifarlab.data.loader import TrainData
 from cifarlab.data.sources import Split, load_dataset, stratified_indices
 from cifarlab.errors import CheckpointError, ConfigError
+from cifarlab.hardware import resolve_device
 from cifarlab.io import read_yaml, write_json, write_yaml
 from cifarlab.models import create_model
 from cifarlab.models.scatter import unfitted_data_norm
-from cifarlab.privacy.accounting import DEFAULT_DELTA
 from cifarlab.train.checkpoint import read_checkpoint
-from cifarlab.hardware import resolve_device
-from cifarlab.train.engine import fit
-from cifarlab.train.run import init_model_from_data
+from cifarlab.train.run import build_data, build_run
 from cifarlab.uncertainty.baselines import dropout_layers, predict_mc_dropout
 from cifarlab.uncertainty.evaluate import Predict, evaluate_uncertainty
-from cifarlab.uncertainty.ood import CORRUPTIONS, SEVERITIES, held_out_classes
-from cifarlab.uncertainty.sgld import SGLD, SampleCollector, predict_posterior
-from cifarlab.uncertainty.sgld_dp import SGLDDP
-
-METHODS = ("none", "mc-dropout", "ensemble", "sgld", "sgld-dp")
-SAMPLING_METHODS = ("sgld", "sgld-dp")
+from cifarlab.uncertainty.ood import held_out_classes
+from cifarlab.uncertainty.sgld import PosteriorSampling, SampleCollector, predict_posterior
 
 
-@dataclass(frozen=True)
-class UncertaintyConfig:
-    method: str = "sgld"
-    members: int = 4  # ensemble (4: the uncertainty-baselines anchor)
-    passes: int = 30  # mc-dropout test-time passes
-    temperature: float = 1.0  # sgld, sgld-dp: 1 is the Bayes posterior, < 1 a cold one
-    # sgld, sgld-dp: step size (None: optim.lr). SGD's momentum m moves weights 1 / (1 - m) times further per
-    # step, but SGLD without momentum at lr / (1 - m) stalled the cnn (tested at 0.5): set it per model.
-    sgld_lr: float | None = None
-    burn_in: int | None = None  # sgld, sgld-dp: epochs before the first sample; None: half of them
-    thin: int = 1  # sgld: epochs between samples
-    keep: str = "disk"  # sgld: samples as checkpoints in samples/ ("disk") or only in memory ("memory")
-    noise_multiplier: float = 1.0  # sgld-dp: sigma; sets the clipping norm C with lr and batch size
-    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
-    severities: list[int] = field(default_factory=lambda: list(SEVERITIES))
-    corruption_images: int | None = 1000  # test images per corruption set (each costs one prediction pass)
-
-    def validate(self, epochs: int) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown uncertainty method {self.method!r}; valid: {', '.join(METHODS)}")
-        if self.members < 1 or self.passes < 1 or self.thin < 1:
-            raise ConfigError(f"members, passes and thin must be >= 1, got {self.members}, {self.passes}, {self.thin}")
-        if self.method in SAMPLING_METHODS and not 0 <= self.burn_in_epochs(epochs) < epochs:
-            raise ConfigError(f"burn_in ({self.burn_in}) must leave at least one of the {epochs} epochs to sample")
-        if self.keep not in ("disk", "memory"):
-            raise ConfigError(f"keep must be 'disk' or 'memory', got {self.keep!r}")
-        if self.temperature <= 0 or self.noise_multiplier <= 0:
-            raise ConfigError("temperature and noise_multiplier must be > 0")
-        if self.sgld_lr is not None and not self.sgld_lr > 0:
-            raise ConfigError(f"sgld_lr must be > 0 (or None for optim.lr), got {self.sgld_lr}")
-        unknown = sorted(set(self.corruptions) - set(CORRUPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown corruption {unknown[0]!r}; valid: {', '.join(CORRUPTIONS)}")
-        if not set(self.severities) <= set(SEVERITIES):
-            raise ConfigError(f"severities must be among {SEVERITIES}, got {self.severities}")
-
-    def burn_in_epochs(self, epochs: int) -> int:
-        return epochs // 2 if self.burn_in is None else self.burn_in
-
-
-def train_uncertainty(config: RunConfig, options: UncertaintyConfig, *,
-                      run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train per `options.method` into `run_dir` (default config.train.out or runs/<time>-<model>-<method>),
+def train_uncertainty(config: RunConfig, *, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train per config.uncertainty into `run_dir` (default config.train.out or runs/<time>-<model>-<method>),
     evaluate, write the run folder, and return summary.json's contents."""
-    options.validate(config.train.epochs)
-    config = _for_method(config, options)
+    options = config.uncertainty
+    config = _for_method(config)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir or config.train.out or f"runs/{stamp}-{config.model.name}-{options.method}")
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"{run_dir} already holds a finished run; choose another --out")
-    if options.method == "sgld-dp":
-        _check_private_model(config)
-    write_yaml(run_dir / "config.yaml", config.to_dict())
-    write_yaml(run_dir / "uncertainty.yaml", dataclasses.asdict(options))
+    _check_model(config)
     device = resolve_device(config.train.device)
-    torch.manual_seed(config.train.seed)
-    data = _data(config, device, poisson=options.method == "sgld-dp")
-    model = _new_model(config, data)
-    if options.method == "mc-dropout":
-        _check_dropout(model, config.model.name)
+    data = build_data(config, device=device)
+    training_data = _without_test(data)
 
     extra: dict[str, Any] = {}
     if options.method == "ensemble":
+        write_yaml(run_dir / "config.yaml", config.to_dict())
         states, train_seconds = [], 0.0
         for k in range(options.members):
             member = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=config.train.seed + k))
-            torch.manual_seed(member.train.seed)
-            net = _new_model(member, data)
-            result = fit(net, data=_without_test(data), config=member, run_dir=run_dir / f"member_{k}")
-            train_seconds += result.summary["train_seconds"]
+            run = build_run(member, data=training_data, run_dir=run_dir / f"member_{k}")
+            train_seconds += run.fit().train_seconds
             states.append(read_checkpoint(run_dir / f"member_{k}" / "best.pt")["model_state"])
-        predict = _posterior(model, states)
+        predict = _posterior(run.model, states)
     elif options.method in SAMPLING_METHODS:
         collector = SampleCollector(burn_in=options.burn_in_epochs(config.train.epochs), thin=options.thin,
                                     directory=run_dir / "samples" if options.keep == "disk" else None)
-        train_seconds, extra = _train_sgld(model, data, config, options, collector, run_dir)
-        predict = _posterior(model, collector)
+        run = build_run(config, data=training_data, training=options.method, run_dir=run_dir)
+        chain = run.variant
+        run.variant = PosteriorSampling(chain, collector)
+        train_seconds = run.fit().train_seconds
+        extra["posterior_samples"] = len(collector)
+        if options.method == "sgld-dp":
+            privacy = chain.summary()
+            extra.update({key: privacy[key] for key in ("epsilon", "delta", "noise_multiplier", "max_grad_norm",
+                                                        "steps")}, clipped_fraction=chain.clipped_fraction())
+        predict = _posterior(run.model, collector)
     else:
-        train_seconds = fit(model, data=_without_test(data), config=config, run_dir=run_dir).summary["train_seconds"]
-        model.load_state_dict(read_checkpoint(run_dir / "best.pt")["model_state"])
-        predict = _single(model, options)
+        run = build_run(config, data=training_data, run_dir=run_dir)
+        train_seconds = run.fit().train_seconds
+        run.model.load_state_dict(read_checkpoint(run_dir / "best.pt")["model_state"])
+        predict = _single(run.model, config)
 
-    metrics = _evaluate(predict, data, config, options, run_dir)
+    metrics = _evaluate(predict, data, config, run_dir)
     summary = {
         "method": options.method,
         "model": config.model.name,
@@ -158,19 +111,16 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", corruption_images
     `corruption_images` overrides the run's setting (e.g. all test images on a GPU).
     """
     run_dir = Path(run_dir)
-    for name in ("config.yaml", "uncertainty.yaml"):
-        if not (run_dir / name).is_file():
-            raise CheckpointError(f"{run_dir} is not an uncertainty run: {name} is missing")
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "uncertainty.json").is_file():
+        raise CheckpointError(f"{run_dir} is not an uncertainty run: config.yaml or uncertainty.json is missing")
     config = RunConfig.from_dict(read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
-    try:
-        options = UncertaintyConfig(**read_yaml(run_dir / "uncertainty.yaml"))
-    except TypeError as error:  # unknown or missing keys
-        raise CheckpointError(f"{run_dir / 'uncertainty.yaml'} does not match this version: {error}") from None
+    options = config.uncertainty
     if corruption_images is not None:
         options = dataclasses.replace(options, corruption_images=corruption_images)
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device, progress=False))
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device, progress=False),
+                                 uncertainty=options)
     torch_device = resolve_device(device)
-    data = _data(config, torch_device, poisson=False)
+    data = build_data(config, device=torch_device)
     model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args).to(torch_device)
     if options.method == "ensemble":
         predict = _posterior(model, [read_checkpoint(run_dir / f"member_{k}" / "best.pt")["model_state"]
@@ -182,33 +132,32 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", corruption_images
         predict = _posterior(model, SampleCollector.from_directory(run_dir / "samples"))
     else:
         model.load_state_dict(read_checkpoint(run_dir / "best.pt")["model_state"])
-        predict = _single(model, options)
-    return _evaluate(predict, data, config, options, run_dir)
+        predict = _single(model, config)
+    return _evaluate(predict, data, config, run_dir)
 
 
-def _for_method(config: RunConfig, options: UncertaintyConfig) -> RunConfig:
+def _for_method(config: RunConfig) -> RunConfig:
     """The run's config as the method trains it (a new object; the caller's is unchanged)."""
-    if options.method in SAMPLING_METHODS:  # saved as what it is: SGLD, without momentum
-        lr = config.optim.lr if options.sgld_lr is None else options.sgld_lr
-        optim = dataclasses.replace(config.optim, optimizer="sgld", lr=lr, momentum=0.0, nesterov=False)
+    if config.uncertainty.method in SAMPLING_METHODS:  # saved as what it is: no momentum, at the SGLD step size
+        sgld_lr = config.uncertainty.sgld_lr
+        optim = dataclasses.replace(config.optim, lr=config.optim.lr if sgld_lr is None else sgld_lr, momentum=0.0,
+                                    nesterov=False)
         return dataclasses.replace(config, optim=optim)
     return config
 
 
-def _check_private_model(config: RunConfig) -> None:
-    """sgld-dp: refuse, before any work, a model that would fit layers to the training data outside DP-SGD."""
+def _check_model(config: RunConfig) -> None:
+    """Refuse, before any work, a model the method cannot use: sgld-dp with layers fitted to the training data
+    outside DP-SGD, mc-dropout without dropout."""
     model = create_model(config.model.name, **config.model.args)
-    if hasattr(model, "init_from_data") or unfitted_data_norm(model):
+    method = config.uncertainty.method
+    if method == "sgld-dp" and (hasattr(model, "init_from_data") or unfitted_data_norm(model)):
         raise ConfigError(f"sgld-dp cannot train {config.model.name!r}: it fits layers to statistics of the training "
                           "images, which sgld-dp's privacy guarantee does not cover; use a model without them (cnn, "
                           "wrn with model.args.norm=group, scatter_* without data_norm)")
-
-
-def _new_model(config: RunConfig, data: TrainData) -> nn.Module:
-    """The run's model on the data's device, its data-dependent layers (e.g. `fast`'s whitening) fitted."""
-    model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
-    init_model_from_data(model.to(data.train.images.device), data)
-    return model
+    if method == "mc-dropout" and not dropout_layers(model):
+        raise ConfigError(f"mc-dropout needs a model with dropout; {config.model.name!r} has none with p > 0 "
+                          "(use cnn or vgg, or wrn or fast with --model-arg dropout=0.3)")
 
 
 def _without_test(data: TrainData) -> TrainData:
@@ -216,61 +165,18 @@ def _without_test(data: TrainData) -> TrainData:
     return dataclasses.replace(data, evals={k: v for k, v in data.evals.items() if k != "test"})
 
 
-def _data(config: RunConfig, device: torch.device, *, poisson: bool) -> TrainData:
-    return prepare_data(config.data, device=device, seed=config.train.seed, batch_size=config.train.batch_size,
-                        eval_batch_size=config.train.eval_batch_size, sampling="poisson" if poisson else "shuffle",
-                        progress=config.train.progress)
-
-
-def _check_dropout(model: nn.Module, name: str) -> None:
-    if not dropout_layers(model):
-        raise ConfigError(f"mc-dropout needs a model with dropout; {name!r} has none with p > 0 "
-                          "(use cnn or vgg, or wrn or fast with --model-arg dropout=0.3)")
-
-
-def _train_sgld(model: nn.Module, data: TrainData, config: RunConfig, options: UncertaintyConfig,
-                collector: SampleCollector, run_dir: Path) -> tuple[float, dict[str, Any]]:
-    n = data.train.num_examples
-    dp = None
-    if options.method == "sgld-dp":
-        dp = SGLDDP(model, lr=config.optim.lr, num_data=n, batch_size=config.train.batch_size,
-                    noise_multiplier=options.noise_multiplier, weight_decay=config.optim.weight_decay,
-                    temperature=options.temperature, delta=config.dp.delta or DEFAULT_DELTA,
-                    accountant=config.dp.accountant)
-        optimizer, train_step = dp.optimizer, dp.train_step
-    else:
-        optimizer = SGLD(model.parameters(), lr=config.optim.lr, num_data=n, weight_decay=config.optim.weight_decay,
-                         temperature=options.temperature)
-        train_step = None
-
-    def on_epoch_end(epoch: int, net: nn.Module) -> dict[str, float]:
-        collector.offer(epoch, net)
-        row = {"posterior_samples": float(len(collector))}
-        if dp is not None:
-            row.update(epsilon=dp.epsilon(), clipped_fraction=dp.clipped_fraction())
-        return row
-
-    result = fit(model, data=_without_test(data), config=config, run_dir=run_dir, optimizer=optimizer,
-                 train_step=train_step, on_epoch_end=on_epoch_end)
-    extra: dict[str, Any] = {"posterior_samples": len(collector)}
-    if dp is not None:
-        extra.update(epsilon=dp.epsilon(), delta=dp.delta, noise_multiplier=dp.noise_multiplier,
-                     max_grad_norm=dp.max_grad_norm, clipped_fraction=dp.clipped_fraction(), steps=dp.steps)
-    return result.summary["train_seconds"], extra
-
-
 def _posterior(model: nn.Module, samples: Any) -> Predict:
     return lambda x: predict_posterior(model, samples, x)
 
 
-def _single(model: nn.Module, options: UncertaintyConfig) -> Predict:
-    if options.method == "mc-dropout":
-        return lambda x: predict_mc_dropout(model, x, passes=options.passes)
+def _single(model: nn.Module, config: RunConfig) -> Predict:
+    if config.uncertainty.method == "mc-dropout":
+        return lambda x: predict_mc_dropout(model, x, passes=config.uncertainty.passes)
     return _posterior(model, [model.state_dict()])
 
 
-def _evaluate(predict: Predict, data: TrainData, config: RunConfig, options: UncertaintyConfig,
-              run_dir: Path) -> dict[str, Any]:
+def _evaluate(predict: Predict, data: TrainData, config: RunConfig, run_dir: Path) -> dict[str, Any]:
+    options = config.uncertainty
     test = data.evals["test"]
     val = data.evals.get("val")
     torch.manual_seed(config.train.seed)  # MC dropout masks
@@ -307,7 +213,7 @@ COMPARISON_COLUMNS = ("run", "method", "model", "epochs", "acc %", "NLL", "Brier
 
 
 def comparison_rows(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
-    """The issue's comparison table from uncertainty run folders (their summary.json): one row per run, and one
+    """The comparison table from uncertainty run folders (their summary.json): one row per run, and one
     more, "<method> + TS", with its temperature-scaled predictions where the run had a validation split.
 
     OOD AUROC: held-out classes against the test set; corr: means over corruptions and severities 1-5 (AUROC:

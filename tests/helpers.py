@@ -1,0 +1,48 @@
+"""Small synthetic data shared by several test modules: learnable toy tasks that cost milliseconds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cifarlab.data.augment import Augment
+from cifarlab.data.loader import BatchLoader, TrainData
+from cifarlab.data.preprocess import fit_preprocessor
+from cifarlab.data.sources import Split
+
+
+def brightest_channel_data(*, train: int, evals: dict[str, int], batch_size: int = 16,
+                           preprocess: str = "normalize") -> TrainData:
+    """Class = the brightest colour channel (3 classes), 32x32 uint8 images; training batches are augmented."""
+    generator = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> Split:
+        labels = torch.arange(n) % 3
+        images = torch.randint(0, 100, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
+        images[torch.arange(n), labels] += 120
+        return Split(images=images, labels=labels)
+
+    train_split = split(train)
+    eval_splits = {name: split(n) for name, n in evals.items()}
+    fitted = fit_preprocessor(preprocess, train_split.images)
+    return TrainData(
+        train=BatchLoader(train_split, batch_size=batch_size, preprocess=fitted,
+                          augment=Augment(crop_padding=2, flip=True), sampling="shuffle"),
+        evals={name: BatchLoader(s, batch_size=32 if name == "test" else 64, preprocess=fitted)
+               for name, s in eval_splits.items()},
+        preprocess=fitted, classes=("r", "g", "b"), source="synthetic")
+
+
+def write_image_folder(root: Path, *, classes: int = 3, train: int = 20, test: int = 5) -> Path:
+    """train/<class>/*.png and test/<class>/*.png, 32x32, each class a brightness band (learnable, not trivial)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("test", test)):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, (32, 32, 3)) + 80 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
