@@ -3,6 +3,7 @@
     cifarlab train --recipe resnet18-adam --data ../shared/datasets/cifar10-jpeg --epochs 5
     cifarlab eval --checkpoint runs/<run>/best.pt --data ...
     cifarlab predict --checkpoint runs/<run>/best.pt cat.png
+    cifarlab export --checkpoint runs/<run>/best.pt --format onnx --out model.onnx
     cifarlab data show | data download | models | recipes | env | compare runs/a runs/b
 """
 from __future__ import annotations
@@ -39,7 +40,10 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--train-subset", "data.train_subset", int, "use a stratified subset of N training images"),
     ("--test-subset", "data.test_subset", int, "use a stratified subset of N test images"),
     ("--classes", "data.classes", "int_list", "keep only these class indices, e.g. 0-4 or 0,3,5"),
-    ("--input-size", "data.input_size", int, "resize inputs to N x N on the device (training, evaluation, features)"),
+    ("--image-size", "data.image_size", int, "image folders: resize (shorter side, then centre crop) every image to "
+     "N x N once, when decoded into the cache; needed when the images differ in size"),
+    ("--input-size", "data.input_size", int, "resize the network input to N x N on the device, batch by batch after "
+     "augmentation (training, evaluation, features); the cached images keep their size"),
     ("--model", "model.name", str, "model name (see `cifarlab models`)"),
     ("--optimizer", "optim.optimizer", OPTIMIZERS, "optimizer"),
     ("--lr", "optim.lr", float, "base learning rate"),
@@ -247,12 +251,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from cifarlab.io import write_csv
     from cifarlab.train.inference import predict_files
 
-    for path, probabilities in predict_files(args.checkpoint, args.images, device=args.device):
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    rows = []
+    for path, probabilities in predict_files(args.checkpoint, args.images, device=args.device,
+                                             batch_size=args.batch_size, progress=args.csv is not None):
         ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])
-        top = ", ".join(f"{name} {p:.1%}" for name, p in ranked[: args.top])
-        print(f"{path}: {ranked[0][0]}  ({top})")
+        if args.csv is None:
+            top = ", ".join(f"{name} {p:.1%}" for name, p in ranked[: args.top])
+            print(f"{path}: {ranked[0][0]}  ({top})")
+        rows.append({"path": path, "class": ranked[0][0], **{f"p_{name}": p for name, p in probabilities.items()}})
+    if args.csv is not None:  # written once all images are read: a bad image leaves no partial file
+        columns = ["path", "class", *(key for key in rows[0] if key.startswith("p_"))]
+        print(f"wrote {len(rows)} predictions to {write_csv(args.csv, rows, columns)}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from cifarlab.export import export_checkpoint
+
+    print(f"wrote {export_checkpoint(args.checkpoint, format=args.format, out=args.out)}")
 
 
 def cmd_data_show(args: argparse.Namespace) -> None:
@@ -410,11 +430,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--device", choices=DEVICES, default="auto")
     sub.add_argument("--out", help="write the evaluation as JSON here")
 
-    sub = command("predict", cmd_predict, "classify image files with a checkpoint")
+    sub = command("predict", cmd_predict, "classify image files and folders with a checkpoint")
     sub.add_argument("--checkpoint", required=True, help="a best.pt/last.pt or a run folder")
-    sub.add_argument("images", nargs="+", help="image files Pillow reads (resized to the model's input size)")
+    sub.add_argument("images", nargs="+", help="image files Pillow reads, or folders searched recursively for them "
+                                               "(resized as the checkpoint's training images)")
     sub.add_argument("--top", type=int, default=3, help="how many classes to print")
+    sub.add_argument("--csv", metavar="FILE", help="write path, class and p_<class> (each class's probability) "
+                                                  "per image to this CSV instead of printing; shows a progress bar")
+    sub.add_argument("--batch-size", type=int, default=256, help="images classified at once")
     sub.add_argument("--device", choices=DEVICES, default="auto")
+
+    sub = command("export", cmd_export, "a checkpoint as ONNX or TorchScript: uint8 images (N, H, W, 3) in, class "
+                                        "probabilities out, preprocessing inside, class names attached")
+    sub.add_argument("--checkpoint", required=True, help="a best.pt/last.pt or a run folder")
+    sub.add_argument("--format", required=True, choices=("onnx", "torchscript"),
+                     help="onnx needs pip install \"cifarlab[export]\"")
+    sub.add_argument("--out", required=True, help="the file to write (e.g. model.onnx, model.pt)")
 
     data = command("data", None, "dataset tools").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     sub = command("show", cmd_data_show, "PNG grid of augmented training samples", parent=data)

@@ -51,6 +51,9 @@ class DataConfig:
     dataset: str = "cifar10"
     download: bool = True
     preprocess: str = "normalize"
+    # Side an image folder's images are resized and centre-cropped to when decoded, once, into the uint8 cache.
+    # None: they must all have one size. Unlike input_size, it changes the stored images that augmentation sees.
+    image_size: int | None = None
     # Side of the square network input; batches are resized on the device after augmentation and normalisation.
     # None: the stored size (32 for CIFAR). Recorded in checkpoints, so evaluation and features resize the same way.
     input_size: int | None = None
@@ -68,6 +71,7 @@ class DataConfig:
         _choice("data.preprocess", self.preprocess, PREPROCESSORS)
         _choice("data.pad_mode", self.pad_mode, PAD_MODES)
         check_input_size("data.input_size", self.input_size)
+        check_input_size("data.image_size", self.image_size)
         for name in ("crop_padding", "translate", "cutout", "val_size"):
             _at_least(f"data.{name}", getattr(self, name), 0)
         for name in ("train_subset", "test_subset"):

@@ -5,11 +5,22 @@ import csv
 import io
 import json
 import os
+import pickle
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
+
+_ZIP_MAGIC = b"PK\x03\x04"  # how every torch.save file (a zip archive) begins
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -21,6 +32,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes the file private (0600); give it an ordinary mode
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -70,9 +82,30 @@ def load_tensors(path: str | Path, *, what: str) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about foreign pickles before refusing them; the error says it
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated files, other formats, pickles with code: all refused here
-        raise CheckpointError(f"{path} is not a readable {what}: {error}") from None
+        # torch's own message advises weights_only=False, the one thing never to do with a file one did not make.
+        raise CheckpointError(_unreadable(path, what=what, error=error)) from None
+
+
+def _unreadable(path: Path, *, what: str, error: Exception) -> str:
+    """Why torch.load refused `path`, in one sentence: cut short, or never a file cifarlab wrote."""
+    foreign = f"{path} is not a cifarlab {what}"
+    if zipfile.is_zipfile(path):  # the archive is whole: its contents are foreign or damaged
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+                return f"{foreign} (a zip archive, but not one torch.save wrote)"
+        if isinstance(error, pickle.UnpicklingError):
+            return (f"{foreign}: it holds Python objects other than tensors and plain values, which are never "
+                    "loaded because loading them can run code")
+        return f"{path} is corrupted (a torch.save archive whose contents do not read back)"
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if head == _ZIP_MAGIC:  # the start of a torch.save archive without its end
+        return f"{path} is truncated or corrupted (a torch.save archive without its end)"
+    return f"{foreign} (not a file torch.save wrote)"
 
 
 def write_yaml(path: str | Path, obj: Any) -> Path:

@@ -1,18 +1,27 @@
 """Shared fixtures: the JPEG copy of CIFAR-10 beside the checkout, and a small real subset of it."""
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 
-
 def pytest_configure(config: pytest.Config) -> None:
     # The suite is thousands of tiny tensor ops: intra-op threads only add synchronisation (and on a busy
     # machine, waits of whole scheduler slices). One thread is faster here and keeps results bit-stable.
     torch.set_num_threads(1)
+    # Decoded-data caches go to a temporary folder, never to the user's ~/.cache: set for the whole session (not
+    # per test), so that module- and session-scoped fixtures that load data are covered too.
+    os.environ["CIFARLAB_CACHE"] = tempfile.mkdtemp(prefix="cifarlab-test-cache-")
+    os.environ.pop("CIFARLAB_DATA", None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.get("CIFARLAB_CACHE", ""), ignore_errors=True)
 
 
 JPEG_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg"
@@ -36,10 +45,3 @@ def small_cifar(jpeg_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
             for image in sorted(class_dir.iterdir())[:count]:
                 shutil.copy(image, target / image.name)
     return root
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decoded-data caches go to a temporary folder, never to the user's ~/.cache."""
-    monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.delenv("CIFARLAB_DATA", raising=False)

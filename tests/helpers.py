@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -46,3 +47,12 @@ def write_image_folder(root: Path, *, classes: int = 3, train: int = 20, test: i
                 pixels = rng.integers(0, 80, (32, 32, 3)) + 80 * label
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
     return root
+
+
+def train_tiny_run(data: Path, out: Path, *, model: str = "tutorial", flags: Sequence[str] = ()) -> Path:
+    """A real checkpoint from `cifarlab train`: one epoch on a tiny image folder, in about a second."""
+    from cifarlab.cli import main
+
+    assert main(["train", "--data", str(data), "--model", model, *flags, "--epochs", "1", "--batch-size", "16",
+                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    return out / "best.pt"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_tiny_run, write_image_folder
 from PIL import Image
 
 from cifarlab import hardware
@@ -148,6 +149,8 @@ def test_models_and_recipes_list_one_line_each(capsys):
         (["train", "--recipe", "nope"], "unknown recipe 'nope'; valid:"),
         (["train", "--data", "/nonexistent/cifar", "--no-download", "--device", "cpu"], "/nonexistent/cifar"),
         (["train", "--model-arg", "depth"], "--model-arg expects KEY=VALUE"),
+        (["train", "--image-size", "0", "--data", "/nonexistent"], "data.image_size must be an integer >= 8"),
+        (["train", "--image-size", "-5", "--data", "/nonexistent"], "got -5"),
         (["eval", "--checkpoint", "/nonexistent/best.pt"], "checkpoint /nonexistent/best.pt does not exist"),
     ],
 )
@@ -242,3 +245,104 @@ def test_train_records_and_prints_the_precision_auto_chose(cpu, precision, small
     assert (summary["precision"], summary["precision_reason"]) == (precision, expected.reason)
     header, _, row = capsys.readouterr().out.strip().splitlines()[-3:]
     assert header.split()[-1] == "precision" and row.split()[-1] == precision
+
+
+def _bad_checkpoints(folder: Path) -> dict[str, str]:
+    """Files a user might pass as --checkpoint, each with the sentence that must name it."""
+    from cifarlab.config import RunConfig
+    from cifarlab.models import create_model
+    from cifarlab.train.checkpoint import save_checkpoint
+
+    (folder / "notes.txt").write_text("my notes\n")
+    (folder / "random.bin").write_bytes(bytes(range(256)) * 8)
+    torch.save(create_model("tutorial", num_classes=3).state_dict(), folder / "state_dict.pt")
+    torch.save({"weights": [1.5, 2.5], "step": Path("x")}, folder / "pickled.pt")  # a Path needs code to unpickle
+    whole = save_checkpoint(folder / "whole.pt", config=RunConfig().to_dict(), classes=["a", "b", "c"],
+                            model_state=create_model("tutorial", num_classes=3).state_dict(), preprocess={})
+    (folder / "truncated.pt").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return {"notes.txt": "is not a cifarlab checkpoint", "random.bin": "is not a cifarlab checkpoint",
+            "state_dict.pt": "is not a cifarlab checkpoint", "pickled.pt": "is not a cifarlab checkpoint",
+            "truncated.pt": "is truncated or corrupted"}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", [["eval", "--out", "{out}"], ["predict", "{image}"], ["privacy", "audit"]])
+def test_a_file_that_is_not_a_checkpoint_gets_one_clear_sentence(command: list[str], tmp_path: Path, capsys):
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32)).save(image)
+    out = tmp_path / "eval.json"
+    for name, message in _bad_checkpoints(tmp_path).items():
+        argv = [part.format(out=out, image=image) for part in command]
+        assert main([*argv, "--checkpoint", str(tmp_path / name), "--device", "cpu"]) == 2, name
+        err = capsys.readouterr().err
+        assert f"{tmp_path / name} {message}" in err and "weights_only" not in err, err
+        assert err.count("\n") == 1, err  # one sentence, no traceback
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, image folder): the tutorial CNN after one epoch on 60 tiny images."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = write_image_folder(root / "data", train=20, test=4)
+    return train_tiny_run(data, root / "run"), data
+
+
+def test_predict_reads_folders_in_batches_and_writes_a_csv(tiny_run: tuple[Path, Path], tmp_path: Path, capsys):
+    checkpoint, data = tiny_run
+    (data / "test" / "notes.txt").write_text("not an image: skipped inside a folder")
+    out = tmp_path / "predictions.csv"
+    single = data / "train" / "class0" / "0.png"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--device", "cpu", "--batch-size", "5", "--csv", str(out),
+                 str(data / "test"), str(single)]) == 0  # fmt: skip
+    assert "wrote 13 predictions" in capsys.readouterr().out
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "class", "p_class0", "p_class1", "p_class2"]
+    assert [row["path"] for row in rows] == sorted(str(p) for p in (data / "test").rglob("*.png")) + [str(single)]
+    probabilities = torch.tensor([[float(row[f"p_class{k}"]) for k in range(3)] for row in rows])
+    assert torch.allclose(probabilities.sum(1), torch.ones(len(rows)), atol=1e-5)
+    assert [row["class"] for row in rows] == [f"class{k}" for k in probabilities.argmax(1).tolist()]
+    # One batch or three: the same probabilities (up to float rounding).
+    assert main(["predict", "--checkpoint", str(checkpoint), "--device", "cpu", "--csv", str(tmp_path / "one.csv"),
+                 str(data / "test"), str(single)]) == 0  # fmt: skip
+    with open(tmp_path / "one.csv") as f:
+        at_once = torch.tensor([[float(row[f"p_class{k}"]) for k in range(3)] for row in csv.DictReader(f)])
+    assert torch.allclose(at_once, probabilities, atol=1e-6)
+
+
+def test_predict_names_an_empty_folder_and_an_unreadable_image(tiny_run: tuple[Path, Path], tmp_path: Path, capsys):
+    checkpoint, _ = tiny_run
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--csv", str(out), str(tmp_path / "empty")]) == 2
+    assert f"{tmp_path / 'empty'} holds no image files" in capsys.readouterr().err
+    (tmp_path / "broken").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "broken" / "a.png")
+    (tmp_path / "broken" / "b.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--csv", str(out), str(tmp_path / "broken")]) == 2
+    assert f"{tmp_path / 'broken' / 'b.jpg'} is not a readable image" in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty"]
+
+
+def test_a_folder_of_mixed_sizes_trains_with_image_size_and_predicts_alike(tmp_path: Path, capsys):
+    from cifarlab.data.sources import decode_image
+    from cifarlab.train.checkpoint import load_model
+
+    data = write_image_folder(tmp_path / "data", train=6, test=2)
+    wide = tmp_path / "data" / "train" / "class1" / "wide.png"
+    Image.fromarray(torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8).numpy()).save(wide)
+    assert main(["train", "--data", str(data), "--epochs", "1", "--no-progress", "--out", str(tmp_path / "no")]) == 2
+    assert "pass --image-size N" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    checkpoint = train_tiny_run(data, tmp_path / "run", flags=["--image-size", "32"])
+    assert read_checkpoint(checkpoint)["config"]["data"]["image_size"] == 32
+    out = tmp_path / "wide.csv"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--device", "cpu", "--csv", str(out), str(wide)]) == 0
+    with open(out) as f:
+        predicted = torch.tensor([float(v) for k, v in next(csv.DictReader(f)).items() if k.startswith("p_")])
+    # predict decodes the image as training did: shorter side to 32, then the centre 32 x 32 (not stretched).
+    loaded = load_model(checkpoint)
+    image = torch.from_numpy(decode_image(wide, (32, 32), crop=True).copy()).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        expected = loaded.model(loaded.preprocess.from_uint8(image)).softmax(1)[0]
+    assert torch.allclose(predicted, expected, atol=1e-6)

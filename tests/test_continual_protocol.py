@@ -9,6 +9,7 @@ from cifarlab.continual.protocol import (ProtocolOptions, _widen_head, plan_step
                                          step_metrics, summarize_method, summary_table)
 from cifarlab.continual.state import load_state
 from cifarlab.errors import CifarlabError
+from cifarlab.hardware import resolve_precision
 from cifarlab.models import create_model
 
 NAMES = tuple("abcdefghij")
@@ -83,11 +84,17 @@ def test_end_to_end_on_real_images(small_cifar, tmp_path):
     assert [len(row) for row in lda["per_class_accuracy"]] == [10, 10, 10]
     assert lda["novelty_auroc_per_step"][0] is not None
     assert load_state(out / "state.pt").classes == ("airplane", "automobile", "bird", "cat")
-    assert summary["backbone"]["precision"] == "fp32"  # the base run's "auto", on CPU
+    assert summary["backbone"]["precision"] == resolve_precision(torch.device("cpu"), "auto")  # the base run's
     again = run_protocol(tmp_path / "base", ProtocolOptions(order=(2,), methods=("lda",), finetune_epochs=0,
                                                             precision="bf16", device="cpu", progress=False,
                                                             out=str(tmp_path / "bf16")))
     assert load_state(tmp_path / "bf16" / "state.pt").backbone.precision == again["backbone"]["precision"] == "bf16"
     assert [t["images"] for t in summary["seconds_to_add_class"]] == [100] * 4
+    torch.manual_seed(123)  # another global generator state: the protocol alone on the saved run agrees
+    alone = run_protocol(tmp_path / "base", ProtocolOptions(order=(2, 3), methods=("lda",), finetune_epochs=1,
+                                                            device="cpu", progress=False, out=str(tmp_path / "alone")))
+    for name in ("lda", "finetune"):
+        assert alone["methods"][name]["novelty_auroc_per_step"] == summary["methods"][name]["novelty_auroc_per_step"]
+        assert alone["methods"][name]["accuracy_per_step"] == summary["methods"][name]["accuracy_per_step"]
     table = summary_table(summary)
     assert table.splitlines()[0].split()[:3] == ["method", "final", "acc"] and "finetune" in table

@@ -200,8 +200,63 @@ def test_image_folder_pool_matches_in_process(tmp_path: Path, monkeypatch: pytes
     assert torch.equal(direct.train.images, pooled.train.images) and torch.equal(direct.test.images, pooled.test.images)
     # An error raised inside a worker reaches the caller as the same DataError.
     Image.new("RGB", (9, 6)).save(tmp_path / "imgs" / "test" / "cat" / "0005.png")
-    with pytest.raises(DataError, match=r"0005.png: image is 9x6 pixels, expected 8x6"):
+    with pytest.raises(DataError, match=r"0005.png is 9x6 pixels, \S+ is 8x6; pass --image-size"):
         _load(tmp_path / "imgs", tmp_path / "c")
+
+
+def _write_mixed_folder(root: Path) -> dict[str, np.ndarray]:
+    """One image per kind: RGB of 64x48, 32x32 and 16x16 pixels, grayscale, RGBA and palette PNGs."""
+    rng = np.random.default_rng(1)
+    kinds = {"wide": ("RGB", (48, 64, 3)), "square": ("RGB", (32, 32, 3)), "small": ("RGB", (16, 16, 3)),
+             "gray": ("L", (40, 24)), "rgba": ("RGBA", (20, 20, 4)), "palette": ("P", (24, 36))}
+    written = {}
+    for split in ("train", "test"):
+        for cls in ("ant", "cat"):
+            (root / split / cls).mkdir(parents=True)
+            for name, (mode, shape) in kinds.items():
+                image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode="L" if mode == "P" else mode)
+                if mode == "P":
+                    image = image.convert("RGB").quantize(16)
+                image.save(root / split / cls / f"{name}.png")
+                written.setdefault(name, np.asarray(image.convert("RGB")))  # train/ant's, the first read
+    return written
+
+
+def test_image_size_resizes_a_mixed_folder_as_torchvision_does(tmp_path: Path) -> None:
+    written = _write_mixed_folder(tmp_path / "imgs")
+    ds = _load(tmp_path / "imgs", tmp_path, image_size=16)
+    assert ds.train.images.shape == (12, 3, 16, 16) and ds.test.images.shape == (12, 3, 16, 16)
+    names = sorted(written)  # files are read in name order within each class
+    wide = ds.train.images[names.index("wide")].permute(1, 2, 0).numpy()
+    # Resize(16) of 64x48 (W x H): the shorter side to 16, the longer to int(16 * 64 / 48) = 21; then the centre.
+    reference = Image.fromarray(written["wide"]).resize((21, 16), Image.BILINEAR).crop((2, 0, 18, 16))
+    assert np.array_equal(wide, np.asarray(reference))
+    small = ds.train.images[names.index("small")].permute(1, 2, 0).numpy()
+    assert np.array_equal(small, written["small"])  # already 16x16: untouched
+    gray = ds.train.images[names.index("gray")]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[0], gray[2])
+    # Each size is its own cache entry: 8 does not reuse the 16-pixel copy.
+    assert _load(tmp_path / "imgs", tmp_path, image_size=8).train.images.shape[-2:] == (8, 8)
+    assert len(list((tmp_path / "cache" / "decoded").iterdir())) == 2
+
+
+def test_a_mixed_folder_without_image_size_names_two_sizes_and_the_flag(tmp_path: Path) -> None:
+    _write_mixed_folder(tmp_path / "imgs")
+    with pytest.raises(DataError, match=r"images of two sizes: \S+/train/ant/palette.png is 36x24 pixels, "
+                                        r"\S+/train/ant/gray.png is 24x40; pass --image-size N \(config data.image_size\)"):
+        _load(tmp_path / "imgs", tmp_path)
+
+
+@pytest.mark.parametrize("size", [0, -3, 4])
+def test_a_bad_image_size_is_refused_before_any_decoding(tmp_path: Path, size: int) -> None:
+    with pytest.raises(ConfigError, match=f"data.image_size must be an integer >= 8 .*got {size}"):
+        _load(tmp_path / "does-not-matter", tmp_path, image_size=size)
+
+
+def test_image_size_on_the_official_arrays_points_to_input_size(tmp_path: Path) -> None:
+    write_cifar10_python(tmp_path / "cifar-10-batches-py")
+    with pytest.raises(ConfigError, match="use --input-size 64 to resize the network input"):
+        _load(tmp_path / "cifar-10-batches-py", tmp_path, image_size=64)
 
 
 def test_env_var_gives_the_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -272,7 +327,7 @@ def _truncated_jpeg(root: Path) -> str:
 
 def _wrong_size(root: Path) -> str:
     Image.new("RGB", (8, 7)).save(root / "test" / "ant" / "0001.png")
-    return "test/ant/0001.png: image is 8x7 pixels, expected 8x6"
+    return r"images of two sizes: \S*test/ant/0001.png is 8x7 pixels, \S*train/ant/0000.png is 8x6; pass --image-size N"
 
 
 def _no_test_split(root: Path) -> str:
@@ -286,13 +341,20 @@ def _empty_class(root: Path) -> str:
     return "test/cat: empty class folder"
 
 
+def _no_classes(root: Path) -> str:
+    for split in ("train", "test"):
+        shutil.rmtree(root / split)
+        (root / split).mkdir()
+    return "train/ and test/ hold no class folders"
+
+
 def _different_classes(root: Path) -> str:
     (root / "test" / "cat").rename(root / "test" / "dog")
     return r"only in train/: \['cat'\], only in test/: \['dog'\]"
 
 
 @pytest.mark.parametrize("damage", [_garbage_image, _truncated_jpeg, _wrong_size, _no_test_split,
-                                    _empty_class, _different_classes])
+                                    _empty_class, _no_classes, _different_classes])
 def test_bad_image_folder(tmp_path: Path, damage) -> None:
     _write_image_folder(tmp_path / "imgs")
     message = damage(tmp_path / "imgs")

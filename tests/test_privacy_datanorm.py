@@ -4,6 +4,7 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from cifarlab import config
 from cifarlab.config import DPConfig
 from cifarlab.data.loader import BatchLoader
 from cifarlab.data.preprocess import fit_preprocessor
@@ -110,7 +111,7 @@ def test_make_private_fits_the_statistics_privately_and_counts_them():
 
 
 def test_config_defaults_are_the_library_defaults():
-    assert (DPConfig().data_norm_noise, DPConfig().data_norm_clip) == (datanorm.DEFAULT_NOISE, datanorm.DEFAULT_CLIP)
+    assert (DPConfig().data_norm_noise, DPConfig().data_norm_clip) == (config.DEFAULT_DATA_NORM_NOISE, config.DEFAULT_DATA_NORM_CLIP)
     with pytest.raises(ConfigError, match="data_norm_noise"):
         DPConfig(enabled=True, noise_multiplier=1.0, data_norm_noise=0.0).validate()
     with pytest.raises(ConfigError, match="data_norm must be true or false"):

@@ -166,7 +166,8 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
     loaded = load_model(checkpoint, device=device)
     model, preprocess, base_names, config = loaded.model, loaded.preprocess, loaded.classes, loaded.config
     dataset = load_dataset(options.data or config.data.path, name=config.data.dataset,
-                           download=config.data.download, progress=options.progress)
+                           download=config.data.download, progress=options.progress,
+                           image_size=config.data.image_size)
     base = _base_classes(config, dataset, base_names, checkpoint)
     steps = plan_steps(base, options.order, classes=dataset.classes, group_size=options.group_size)
     out = Path(options.out) if options.out else checkpoint.parent / "continual"
@@ -207,6 +208,9 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
         log["linear-head"].append(_head_metrics(head_logits, ids[:len(base)], targets, seen[step]))
         if options.finetune_epochs:
             if step > 0:
+                # The widened head's new rows are drawn from torch's generator: seeded per step, so the baseline
+                # is the same whether the protocol runs after base training or alone on a saved run.
+                torch.manual_seed(engine.epoch_seed(config.train.seed, step))
                 tuned = _finetune(tuned, dataset, group, learned, config=config, preprocess=preprocess,
                                   epochs=options.finetune_epochs)
             log["finetune"].append(_head_metrics(logits_of(tuned, dataset.test.images), ids, targets, seen[step]))

@@ -6,9 +6,9 @@ Layouts recognised at `path` itself or in one of its subfolders:
     cifar-100-python/      train, test, meta                                    (official; fine labels)
     cifar-10-batches-bin/  data_batch_1..5.bin, test_batch.bin, batches.meta.txt (official binary version)
     *.tar.gz               an archive holding one of the above (e.g. cifar-10-python.tar.gz)
-    image folder           train/<class>/*, test/<class>/* (any image Pillow reads, all one size)
+    image folder           train/<class>/*, test/<class>/* (any image Pillow reads; of one size, or see image_size)
 
-Decoded arrays are cached in `<cache_dir>/decoded/<hash of the source path>.npz` together with a
+Decoded arrays are cached in `<cache_dir>/decoded/<hash of the source path and image size>.npz` together with a
 fingerprint of the source files (paths, sizes, mtimes); a changed source is decoded again. The cache
 never goes beside the source, so read-only or shared dataset folders stay untouched.
 """
@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from cifarlab.data.download import ARCHIVES, default_cache_dir, download_dataset, extract_archive
 from cifarlab.data.unpickle import load_pickle
+from cifarlab.config import check_input_size
 from cifarlab.errors import ConfigError, DataError
 from cifarlab.io import atomic_write
 
@@ -82,7 +83,7 @@ class Dataset:
 
 def load_dataset(
     path: str | Path | None = None, *, name: str = "cifar10", cache_dir: str | Path | None = None,
-    download: bool = True, progress: bool = True, download_url: str | None = None,
+    download: bool = True, progress: bool = True, download_url: str | None = None, image_size: int | None = None,
 ) -> Dataset:
     """Load dataset `name` from `path` (else `$CIFARLAB_DATA`, else the cache dir).
 
@@ -90,10 +91,13 @@ def load_dataset(
     Only when neither `path` nor `$CIFARLAB_DATA` is given and the cache holds no copy is the
     official archive downloaded into the cache (if `download`), from `download_url` when given
     (a mirror of the official file: its MD5 is still checked). A wrong explicit path is an error,
-    never a download. `cache_dir` defaults to `default_cache_dir()`.
+    never a download. `cache_dir` defaults to `default_cache_dir()`. `image_size` N: an image folder's images
+    are resized as they are decoded (shorter side to N, then the centre N x N, as torchvision's Resize(N) +
+    CenterCrop(N)); None: they must all have one size.
     """
     if name not in NAMES:
         raise ConfigError(f"unknown dataset {name!r}; choose from {', '.join(NAMES)}")
+    check_input_size("data.image_size", image_size)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     location = path if path is not None else os.environ.get("CIFARLAB_DATA") or None
     if location is not None:
@@ -108,7 +112,7 @@ def load_dataset(
                 raise DataError(_not_found(cache_dir, name, "pass path=..., set $CIFARLAB_DATA, or allow download=True"))
             folder = download_dataset(name, cache_dir=cache_dir, url=download_url, progress=progress)
             source = (layout_of(folder, any_archive=False), folder)
-    return _load(*source, name=name, cache_dir=cache_dir, progress=progress)
+    return _load(*source, name=name, cache_dir=cache_dir, progress=progress, image_size=image_size)
 
 
 # --- finding a source ---------------------------------------------------------------------------
@@ -241,13 +245,14 @@ def _not_found(place: Path, name: str, hint: str) -> str:
 
 # --- decoding with a cache ----------------------------------------------------------------------
 
-def _load(layout: str, path: Path, *, name: str, cache_dir: Path, progress: bool) -> Dataset:
+def _load(layout: str, path: Path, *, name: str, cache_dir: Path, progress: bool, image_size: int | None) -> Dataset:
     path = path.resolve()
-    cache = cache_dir / "decoded" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:20]}.npz"
+    key = str(path) if image_size is None else f"{path}\0{image_size}"  # each size is its own decoded copy
+    cache = cache_dir / "decoded" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
     fingerprint = _fingerprint(path)
     arrays = _read_cache(cache, fingerprint)
     if arrays is None:
-        arrays = _decode(layout, path, name=name, cache_dir=cache_dir, progress=progress)
+        arrays = _decode(layout, path, name=name, cache_dir=cache_dir, progress=progress, image_size=image_size)
         _write_cache(cache, arrays, fingerprint)
     layout = str(arrays["layout"])  # an archive's content layout
     held = dataset_of(layout, path)
@@ -302,12 +307,17 @@ def _write_cache(cache: Path, arrays: dict[str, np.ndarray], fingerprint: str) -
         warnings.warn(f"could not cache decoded arrays in {cache} ({e}); the next load decodes again")
 
 
-def _decode(layout: str, path: Path, *, name: str, cache_dir: Path, progress: bool) -> dict[str, np.ndarray]:
+def _decode(layout: str, path: Path, *, name: str, cache_dir: Path, progress: bool,
+            image_size: int | None) -> dict[str, np.ndarray]:
     """Arrays train_images/labels, test_images/labels, classes, layout (images (N, 3, H, W) uint8)."""
     if layout == "archive":
-        return _decode_archive(path, name=name, cache_dir=cache_dir, progress=progress)
+        return _decode_archive(path, name=name, cache_dir=cache_dir, progress=progress, image_size=image_size)
     if layout == "image-folder":
-        classes, (train_x, train_y), (test_x, test_y) = _decode_image_folder(path, progress=progress)
+        classes, (train_x, train_y), (test_x, test_y) = _decode_image_folder(path, progress=progress,
+                                                                             image_size=image_size)
+    elif image_size is not None:
+        raise ConfigError(f"--image-size (data.image_size) resizes the images of an image folder; {path} is "
+                          f"{layout}, all 32x32: use --input-size {image_size} to resize the network input instead")
     else:
         fmt = _FORMATS[layout]
         missing = [f for f in (*fmt.train, *fmt.test, fmt.meta) if not (path / f).is_file()]
@@ -325,7 +335,8 @@ def _concat(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, n
     return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
 
 
-def _decode_archive(archive: Path, *, name: str, cache_dir: Path, progress: bool) -> dict[str, np.ndarray]:
+def _decode_archive(archive: Path, *, name: str, cache_dir: Path, progress: bool,
+                    image_size: int | None) -> dict[str, np.ndarray]:
     # Extracted only for decoding, then deleted: the decoded cache is keyed on the archive itself.
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache_dir))
@@ -334,12 +345,12 @@ def _decode_archive(archive: Path, *, name: str, cache_dir: Path, progress: bool
         inner = _find(tmp, name, any_archive=False)
         if inner is None or inner[0] == "archive":
             raise DataError(f"{archive} holds no dataset; accepted layouts: {_LAYOUT_HELP}")
-        return _decode(*inner, name=name, cache_dir=cache_dir, progress=progress)
+        return _decode(*inner, name=name, cache_dir=cache_dir, progress=progress, image_size=image_size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _decode_image_folder(root: Path, *, progress: bool) -> tuple[list[str], tuple, tuple]:
+def _decode_image_folder(root: Path, *, progress: bool, image_size: int | None) -> tuple[list[str], tuple, tuple]:
     """(classes, (train images, labels), (test images, labels)); classes = sorted folder names."""
     for split in ("train", "test"):
         if not (root / split).is_dir():
@@ -363,19 +374,21 @@ def _decode_image_folder(root: Path, *, progress: bool) -> tuple[list[str], tupl
             files[split] += found
             labels[split] += [label] * len(found)
     n_train = len(files["train"])
-    images = read_images(files["train"] + files["test"], progress=progress)
+    size = None if image_size is None else (image_size, image_size)
+    images = read_images(files["train"] + files["test"], size=size, crop=True, progress=progress)
     return (classes["train"], (images[:n_train], np.array(labels["train"], dtype=np.int64)),
             (images[n_train:], np.array(labels["test"], dtype=np.int64)))
 
 
-def read_images(paths: list[str], *, size: tuple[int, int] | None = None, progress: bool = False) -> np.ndarray:
+def read_images(paths: list[str], *, size: tuple[int, int] | None = None, crop: bool = False,
+                progress: bool = False) -> np.ndarray:
     """Decode image files to one (N, 3, H, W) uint8 array, in worker processes when there are many (Pillow holds
     the GIL for most of the work on small images, so threads would not help). size (H, W): images of another size
-    are resized to it (bilinear); None: every image must have the first one's size."""
+    are resized to it as `decode_image` does (with `crop`); None: every image must have the first one's size."""
     resize = size is not None
     size = size if resize else _read_image(paths[0]).shape[:2]
     tasks = [paths[i:i + _IMAGES_PER_TASK] for i in range(0, len(paths), _IMAGES_PER_TASK)]
-    decode = partial(_decode_images, size=size, resize=resize)
+    decode = partial(_decode_images, size=size, resize=resize, crop=crop, first=paths[0])
     chunks = []
     with tqdm(total=len(paths), unit="img", desc="decoding images", disable=not progress) as bar:
         if len(tasks) == 1:  # a pool costs more to start than a few hundred images take
@@ -389,32 +402,50 @@ def read_images(paths: list[str], *, size: tuple[int, int] | None = None, progre
     return np.concatenate(chunks)
 
 
-def _decode_images(paths: list[str], *, size: tuple[int, int], resize: bool) -> np.ndarray:
+def _decode_images(paths: list[str], *, size: tuple[int, int], resize: bool, crop: bool, first: str) -> np.ndarray:
     images = np.empty((len(paths), size[0], size[1], 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        image = _read_image(path, size if resize else None)
+        image = _read_image(path, size if resize else None, crop=crop)
         if image.shape[:2] != size:
-            raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]} pixels, expected "
-                            f"{size[1]}x{size[0]} like the first image; all images must have one size")
+            raise DataError(f"images of two sizes: {path} is {image.shape[1]}x{image.shape[0]} pixels, {first} is "
+                            f"{size[1]}x{size[0]}; pass --image-size N (config data.image_size) to resize them all "
+                            "to N x N as they are decoded")
         images[i] = image
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
 
 
-def _read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+def _read_image(path: str, size: tuple[int, int] | None = None, *, crop: bool = False) -> np.ndarray:
     try:
-        return decode_image(path, size)
+        return decode_image(path, size, crop=crop)
     except Exception as e:  # Pillow signals broken files with OSError, SyntaxError, ValueError, ...
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
-def decode_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+def decode_image(path: str | Path, size: tuple[int, int] | None = None, *, crop: bool = False) -> np.ndarray:
     """An image file as (H, W, 3) uint8, resized (bilinear) to size (H, W) when given; grayscale, palette and
-    RGBA images are converted to RGB. Pillow's errors propagate, for the caller to name the file in its terms."""
+    RGBA images are converted to RGB. Pillow's errors propagate, for the caller to name the file in its terms.
+
+    `crop` keeps the aspect ratio, as torchvision's Resize + CenterCrop do: the image is scaled to cover `size`
+    (the shorter side fits), then its centre is cut out; without it the image is stretched to `size`.
+    """
     with Image.open(path) as image:
         image = image.convert("RGB")
         if size is not None and image.size != (size[1], size[0]):
-            image = image.resize((size[1], size[0]), Image.BILINEAR)
+            image = _cover_and_crop(image, size) if crop else image.resize((size[1], size[0]), Image.BILINEAR)
         return np.asarray(image)
+
+
+def _cover_and_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    height, width = size
+    # Integer arithmetic, as torchvision's Resize(int): the fitting side exact, the other one truncated.
+    if width * image.height >= height * image.width:
+        scaled = (width, image.height * width // image.width)
+    else:
+        scaled = (image.width * height // image.height, height)
+    if scaled != image.size:
+        image = image.resize(scaled, Image.BILINEAR)
+    top, left = round((scaled[1] - height) / 2), round((scaled[0] - width) / 2)  # torchvision's CenterCrop offsets
+    return image.crop((left, top, left + width, top + height))
 
 
 # --- subsets --------------------------------------------------------------------------------------

@@ -144,6 +144,10 @@ class Scattering2D(nn.Module):
     filters are non-persistent buffers: a pure function of (size, J, L), which the model's arguments record.
     """
 
+    # Read by the exporter (cifarlab.export): a traced graph of this layer would not be a faithful copy.
+    export_refusal = ("computes complex-valued FFTs, which ONNX has no type for, and splits batches into chunks of "
+                      f"{CHUNK} in Python, which a TorchScript trace would fix to the example's batch size")
+
     def __init__(self, size: int, *, J: int = 2, L: int = 8) -> None:
         super().__init__()
         check_int(J, name="scattering J")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cifarlab.config import DEFAULT_DATA_NORM_CLIP as DEFAULT_CLIP
+from cifarlab.config import DEFAULT_DATA_NORM_CLIP
 from cifarlab.data.loader import BatchLoader
 from cifarlab.errors import ConfigError
 from cifarlab.models.scatter import DataNorm
@@ -26,7 +26,7 @@ CHUNK = 2000  # examples per moments batch: the statistics need one pass, not th
 
 
 def fit_data_norm(model: nn.Module, loader: BatchLoader, *, noise_multiplier: float | None = None,
-                  clip: float = DEFAULT_CLIP, generator: torch.Generator | None = None) -> Release | None:
+                  clip: float = DEFAULT_DATA_NORM_CLIP, generator: torch.Generator | None = None) -> Release | None:
     """Fit the model's DataNorm to `loader`'s training examples (images or precomputed frozen prefix): privately
     with `noise_multiplier` (returns the release for the accountant), else exactly (returns None). The model must
     have one DataNorm, after its `prefix`."""

@@ -26,6 +26,7 @@ from opacus.accountants import IAccountant
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 
+from cifarlab.config import DEFAULT_ACCOUNTANT, DEFAULT_DATA_NORM_CLIP, DEFAULT_DATA_NORM_NOISE, DEFAULT_DELTA
 from cifarlab.data.loader import BatchLoader
 from cifarlab.data.sources import Split
 from cifarlab.errors import ConfigError
@@ -215,11 +216,11 @@ class PrivateTraining:
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: BatchLoader, *, epochs: int,
                  max_grad_norm: float | Callable[[float], float], noise_multiplier: float | None = None,
                  target_epsilon: float | None = None,
-                 delta: float = accounting.DEFAULT_DELTA, accountant: str = accounting.DEFAULT_ACCOUNTANT,
+                 delta: float = DEFAULT_DELTA, accountant: str = DEFAULT_ACCOUNTANT,
                  poisson: bool = True, augmult: int = 1, physical_batch_size: int | None = None,
                  ema: float | None = None, grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
-                 data_norm_noise: float = datanorm.DEFAULT_NOISE,
-                 data_norm_clip: float = datanorm.DEFAULT_CLIP) -> PrivateTraining:
+                 data_norm_noise: float = DEFAULT_DATA_NORM_NOISE,
+                 data_norm_clip: float = DEFAULT_DATA_NORM_CLIP) -> PrivateTraining:
     """Wrap `optimizer` (built over `model`, itself from prepare_model) and re-sample `loader` for DP-SGD.
 
     `max_grad_norm`: the clipping norm C, or C as a function of the learning rate (SGLD-DP's, recomputed every step).

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cifarlab.config import RunConfig
+from cifarlab.config import DEFAULT_DELTA, RunConfig
 from cifarlab.data.loader import BatchLoader, TrainData, prepare_data
 from cifarlab.data.sources import Split
 from cifarlab.errors import CifarlabError, ConfigError
@@ -203,7 +203,6 @@ PRIVACY_SUMMARY_KEYS = ("epsilon", "delta", "noise_multiplier", "sampling_rate",
 def _private_training(model: nn.Module, data: TrainData, config: RunConfig, training: str) -> PrivateTraining:
     """DP-SGD as a transformation (a private model, optimizer and Poisson loader): the dp section's, or SGLD-DP's
     configuration of it (uncertainty section)."""
-    from cifarlab.privacy.accounting import DEFAULT_DELTA
     from cifarlab.privacy.dpsgd import make_private, prepare_model
 
     dp = config.dp

@@ -24,7 +24,7 @@ from torch import nn
 from cifarlab.data.loader import BatchLoader
 from cifarlab.errors import ConfigError
 from cifarlab.models.per_example import require_per_example_layers
-from cifarlab.privacy.accounting import DEFAULT_ACCOUNTANT, DEFAULT_DELTA
+from cifarlab.config import DEFAULT_ACCOUNTANT, DEFAULT_DELTA
 from cifarlab.privacy.clipping import trainable_parameters
 from cifarlab.privacy.dpsgd import PrivateTraining, make_private, prepare_model
 

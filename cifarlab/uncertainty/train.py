@@ -199,7 +199,8 @@ def _held_out_images(config: RunConfig, device: torch.device) -> Tensor | None:
     """Test images of the classes left out by data.classes (as many as the test subset, if one is set)."""
     if config.data.classes is None:
         return None
-    dataset = load_dataset(config.data.path, name=config.data.dataset, download=config.data.download, progress=False)
+    dataset = load_dataset(config.data.path, name=config.data.dataset, download=config.data.download, progress=False,
+                           image_size=config.data.image_size)
     held_out = held_out_classes(dataset.test, config.data.classes)
     if held_out is None:
         return None
