@@ -44,7 +44,8 @@ def main() -> None:
     verdicts = []
     for recipe in args.recipes.split(","):
         targets = TARGETS.get(recipe, OTHER_THRESHOLDS)
-        overrides = {"data": {"path": args.data}, "train": {"device": args.device, "progress": False}}
+        overrides = {"data": {"path": args.data},
+                     "train": {"device": args.device, "progress": False, "eval_every": 1}}  # thresholds: every epoch
         config = RunConfig.from_dict(merge(load_recipe(recipe), overrides), source=recipe)
         rows = time_to_accuracy(config, thresholds=[t for t, _ in targets], seeds=list(range(args.seeds)))
         print(format_rows(rows), flush=True)

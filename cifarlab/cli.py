@@ -18,9 +18,9 @@ import torch
 import yaml
 
 from cifarlab import __version__
-from cifarlab.config import (ACCOUNTANTS, CONTINUAL_METHODS, DECAYED, DEFAULT_DELTA, DEVICES, OPTIMIZERS, PRECISIONS,
-                             PRIORS, SCHEDULES, UNCERTAINTY_METHODS, ContinualConfig, RunConfig, UncertaintyConfig,
-                             list_recipes, load_recipe, merge)
+from cifarlab.config import (ACCOUNTANTS, CONTINUAL_METHODS, DECAYED, DEFAULT_DELTA, DEVICES, FEATURE_TRANSFORMS,
+                             LABEL_SETS, NOVELTY_SCORES, OPTIMIZERS, PRECISIONS, PRIORS, SCHEDULES, UNCERTAINTY_METHODS,
+                             ContinualConfig, RunConfig, UncertaintyConfig, list_recipes, load_recipe, merge)
 from cifarlab.data.augment import PAD_MODES
 from cifarlab.data.preprocess import PREPROCESSORS
 from cifarlab.errors import CifarlabError, ConfigError
@@ -31,6 +31,7 @@ from cifarlab.train.host_memory import retain_freed_memory
 _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--data", "data.path", str, "dataset folder/archive (default: $CIFARLAB_DATA, else the download cache)"),
     ("--dataset", "data.dataset", ("cifar10", "cifar100"), "which dataset to look for or download"),
+    ("--labels", "data.labels", LABEL_SETS, "CIFAR-100: fine (100 classes, the default) or coarse (20 superclasses)"),
     ("--preprocess", "data.preprocess", PREPROCESSORS, "input preprocessing, fitted on the training split"),
     ("--crop-padding", "data.crop_padding", int, "random crop with this padding (0: off)"),
     ("--pad-mode", "data.pad_mode", PAD_MODES, "padding for the random crop"),
@@ -60,6 +61,8 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--epochs", "train.epochs", int, "training epochs"),
     ("--batch-size", "train.batch_size", int, "training batch size"),
     ("--eval-batch-size", "train.eval_batch_size", int, "evaluation batch size"),
+    ("--eval-every", "train.eval_every", int, "evaluate the test set after every K-th epoch and the last (0: the last "
+     "only; bench: 1 unless given); a val split is evaluated every epoch"),
     ("--seed", "train.seed", int, "random seed (same seed, same numbers on CPU)"),
     ("--device", "train.device", DEVICES, "where to train"),
     ("--precision", "train.precision", PRECISIONS, "auto: bf16 where the hardware runs it natively (see `cifarlab env`)"),
@@ -122,6 +125,16 @@ _SECTION_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, Any, str]]] = {
         ("--class-shrinkage", "continual.class_shrinkage", float,
          f"qda-shrink: weight of the shared covariance (default {ContinualConfig.class_shrinkage})"),
         ("--prior", "continual.prior", PRIORS, f"class prior (default {ContinualConfig.prior})"),
+        ("--feature-transform", "continual.feature_transform", FEATURE_TRANSFORMS,
+         "transform of every feature before fitting, classifying and scoring: l2 (unit norm), tukey (x^0.5), "
+         f"tukey+l2; saved with the state (default {ContinualConfig.feature_transform})"),
+        ("--novelty-score", "continual.novelty_scores", "name_list",
+         f"novelty scores to report, comma-separated or all: {', '.join(NOVELTY_SCORES)} (default "
+         f"{','.join(ContinualConfig().novelty_scores)}; knn needs --knn-bank)"),
+        ("--knn-bank", "continual.knn_bank", int,
+         f"features kept per class for the knn score (default {ContinualConfig.knn_bank}: none)"),
+        ("--knn-k", "continual.knn_k", int,
+         f"knn: distance to the k-th nearest kept feature (default {ContinualConfig.knn_k})"),
         ("--layer", "continual.layer", str, "feature layer (module name; default: the penultimate features)"),
         ("--finetune-epochs", "continual.finetune_epochs", int,
          f"naive fine-tuning baseline epochs (0: skip; default {ContinualConfig.finetune_epochs})"),
@@ -146,9 +159,8 @@ def add_training_flags(parser: argparse.ArgumentParser, *, section: str | None =
             parser.add_argument(*flags, dest=key, choices=kind, help=help_text)
         else:
             metavar = flags[0].lstrip("-").upper().replace("-", "_")
-            parser.add_argument(
-                *flags, dest=key, type=_int_list if kind == "int_list" else kind, metavar=metavar, help=help_text
-            )
+            parsers = {"int_list": _int_list, "name_list": _name_list}
+            parser.add_argument(*flags, dest=key, type=parsers.get(kind, kind), metavar=metavar, help=help_text)
     for flag, key, help_text in _SWITCH_FLAGS + _SECTION_SWITCHES.get(section, []):
         parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=help_text)
 
@@ -179,6 +191,13 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _name_list(text: str) -> list[str]:
+    """'a,b' -> ['a', 'b']; 'all' -> every novelty score. The names are checked with the config, which lists the
+    valid ones."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    return list(NOVELTY_SCORES) if names == ["all"] else names
+
+
 def _int_list(text: str) -> list[int]:
     """'0-4' -> [0..4]; '5,6,9' -> [5, 6, 9]; mixed '0-2,7' works too."""
     values: list[int] = []
@@ -205,11 +224,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         saved = read_checkpoint(resume / "last.pt" if resume.is_dir() else resume)["config"]
         overrides = _flag_overrides(args)
         changed = {f"{section}.{name}" for section, values in overrides.items() for name in values}
-        not_allowed = sorted(changed - {"train.epochs", "train.device", "train.progress"})
+        not_allowed = sorted(changed - {"train.epochs", "train.device", "train.progress", "train.eval_every"})
         if not_allowed or args.recipe:
             raise ConfigError(
-                f"--resume continues the saved config; only --epochs, --device, --progress may change (got "
-                f"{', '.join(not_allowed) or '--recipe'})"
+                "--resume continues the saved config; only --epochs, --device, --progress, --eval-every may change "
+                f"(got {', '.join(not_allowed) or '--recipe'})"
             )
         config = RunConfig.from_dict(merge(saved, overrides), source=str(resume))
     else:
@@ -300,6 +319,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from cifarlab.train.bench import append_csv, format_rows, time_to_accuracy
 
+    if args.__dict__["train.eval_every"] is None:  # thresholds need every epoch's accuracy, whatever the recipe says
+        args.__dict__["train.eval_every"] = 1
     config = config_from_args(args)
     seeds = [config.train.seed + i for i in range(args.seeds)]
 

@@ -36,6 +36,7 @@ DEFAULT_DATA_NORM_NOISE = 8.0
 DEFAULT_DATA_NORM_CLIP = 30.0
 PREPROCESSORS = ("normalize", "mean", "zca", "gcn_zca", "none")  # fitted by cifarlab.data.preprocess
 PAD_MODES = ("zero", "reflect")  # of cifarlab.data.augment's random crop
+LABEL_SETS = ("fine", "coarse")  # data.labels: every dataset's labels, or CIFAR-100's 20 superclasses
 MIN_INPUT_SIZE = 8  # the CIFAR networks halve the resolution up to three times
 UNCERTAINTY_METHODS = ("none", "mc-dropout", "ensemble", "sgld", "sgld-dp")
 SAMPLING_METHODS = ("sgld", "sgld-dp")  # train posterior samples with a training variant of their own
@@ -43,12 +44,16 @@ CORRUPTIONS = ("gaussian_noise", "shot_noise", "gaussian_blur", "contrast", "bri
 SEVERITIES = (1, 2, 3, 4, 5)
 CONTINUAL_METHODS = ("lda", "qda-shrink", "ncm", "slda")  # cifarlab.continual.classifiers.METHODS
 PRIORS = ("uniform", "empirical")  # class priors of the continual classifiers
+FEATURE_TRANSFORMS = ("none", "l2", "tukey", "tukey+l2")  # cifarlab.continual.transforms.TRANSFORMS
+NOVELTY_SCORES = ("mahalanobis", "relative-mahalanobis", "knn", "msp", "energy")  # cifarlab.continual.novelty
+DEFAULT_NOVELTY_SCORES = ("mahalanobis", "relative-mahalanobis", "msp", "energy")  # knn needs continual.knn_bank
 
 
 @dataclass
 class DataConfig:
     path: str | None = None  # None: $CIFARLAB_DATA, else the cache dir (downloading when allowed)
     dataset: str = "cifar10"
+    labels: str = "fine"  # CIFAR-100: "fine" (100 classes) or "coarse" (20 superclasses); other datasets: "fine"
     download: bool = True
     preprocess: str = "normalize"
     # Side an image folder's images are resized and centre-cropped to when decoded, once, into the uint8 cache.
@@ -68,6 +73,10 @@ class DataConfig:
     classes: list[int] | None = None  # keep only these class indices (relabelled 0..k-1)
 
     def validate(self) -> None:
+        _choice("data.labels", self.labels, LABEL_SETS)
+        if self.labels != "fine" and self.dataset != "cifar100":
+            raise ConfigError(f"data.labels {self.labels!r} (--labels {self.labels}) needs data.dataset cifar100 "
+                              f"(--dataset cifar100): {self.dataset} has no {self.labels} labels")
         _choice("data.preprocess", self.preprocess, PREPROCESSORS)
         _choice("data.pad_mode", self.pad_mode, PAD_MODES)
         check_input_size("data.input_size", self.input_size)
@@ -136,9 +145,14 @@ class TrainConfig:
     out: str | None = None  # run folder; default runs/<timestamp>-<model>
     progress: bool = True
     tensorboard: bool = False  # also write each epoch's metrics as TensorBoard event files (cifarlab.train.tracking)
+    # Evaluate the test set (with the model's TTA) after every k-th epoch and always after the last; 0: after the
+    # last only. The val split, which picks best.pt, is evaluated after every epoch. Evaluation draws none of
+    # training's random numbers and is not training time: the cadence changes neither weights nor seconds.
+    eval_every: int = 1
 
     def validate(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.eval_every", self.eval_every, 0)
         _at_least("train.batch_size", self.batch_size, 1)
         _at_least("train.eval_batch_size", self.eval_batch_size, 1)
         _choice("train.device", self.device, DEVICES)
@@ -241,6 +255,11 @@ class ContinualConfig:
     shrinkage: float | str = 1e-4  # covariance shrinkage in [0, 1] (Deep SLDA's value), or "oas"
     class_shrinkage: float = 0.9  # qda-shrink: weight of the shared covariance in each class's
     prior: str = "uniform"
+    # Applied to every feature before fitting, classifying and scoring; saved with the state (continual add uses it)
+    feature_transform: str = "none"
+    novelty_scores: list[str] = field(default_factory=lambda: list(DEFAULT_NOVELTY_SCORES))  # each one reported
+    knn_bank: int = 0  # features kept per class for the knn novelty score (0: none; 1000 x 512 float32: 2 MB a class)
+    knn_k: int = 10  # knn: the score is the distance to the k-th nearest kept feature
     layer: str | None = None  # feature layer (module name; None: the penultimate features)
     finetune_epochs: int = 1  # naive fine-tuning baseline epochs per increment (0: skip it)
     joint: bool = False  # also train the joint upper bound on all classes
@@ -256,6 +275,18 @@ class ContinualConfig:
         if not 0 <= self.class_shrinkage <= 1:
             raise ConfigError(f"continual.class_shrinkage must be in [0, 1], got {self.class_shrinkage}")
         _choice("continual.prior", self.prior, PRIORS)
+        _choice("continual.feature_transform", self.feature_transform, FEATURE_TRANSFORMS)
+        for score in self.novelty_scores:
+            _choice("continual.novelty_scores: score", score, NOVELTY_SCORES)
+        if not self.novelty_scores:
+            raise ConfigError(f"continual.novelty_scores is empty; valid: {', '.join(NOVELTY_SCORES)}")
+        _at_least("continual.knn_bank", self.knn_bank, 0)
+        _at_least("continual.knn_k", self.knn_k, 1)
+        if "knn" in self.novelty_scores and not self.knn_bank:
+            raise ConfigError("the knn novelty score needs a feature bank: keep up to M features per class with "
+                              "continual.knn_bank (--knn-bank M, e.g. 1000), or leave knn out of the scores")
+        if self.knn_bank and self.knn_k > self.knn_bank:
+            raise ConfigError(f"continual.knn_k ({self.knn_k}) must not exceed continual.knn_bank ({self.knn_bank})")
         _at_least("continual.group_size", self.group_size, 1)
         _at_least("continual.finetune_epochs", self.finetune_epochs, 0)
 

@@ -58,6 +58,16 @@ def cpu_info() -> CpuInfo:
     return CpuInfo(model=model, flags=flags)
 
 
+def machine_name(device: torch.device) -> str:
+    """What a run on `device` computes on, for benchmark tables: the GPU's name, or the CPU's model and ISA."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    info = cpu_info()
+    return f"{info.model} ({info.isa})"
+
+
 def resolve_device(name: str) -> torch.device:
     """"auto" -> CUDA, else MPS, else CPU; an explicit device that is not there is a clear error."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()

@@ -1,9 +1,12 @@
-"""Metrics every layer shares, as pure tensor functions: the confusion matrix and what it gives, and the AUROC.
+"""Metrics every layer shares, as pure tensor functions: the confusion matrix and what it gives, the AUROC and
+the false-positive rate at a fixed true-positive rate.
 
 A leaf module (torch and cifarlab.errors only), so training, privacy, uncertainty, continual learning and the
 reports all score with the same code.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -55,3 +58,23 @@ def auroc(positive: Tensor, negative: Tensor) -> float:
     ranks = (counts.cumsum(0) - (counts - 1) / 2)[inverse]
     n_pos, n_neg = len(positive), len(negative)
     return (ranks[:n_pos].sum().item() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def fpr_at_tpr(positive: Tensor, negative: Tensor, *, tpr: float = 0.95) -> float:
+    """False-positive rate at `tpr` true-positive rate (FPR95 at the default, the second number of the novelty and
+    out-of-distribution literature beside the AUROC) of a score that should rank `positive` above `negative`.
+
+    Flagging every score >= t, the threshold t is the highest that flags at least a `tpr` fraction of the
+    positives, i.e. the ceil(tpr n+)-th largest positive score; the result is the fraction of negatives >= t.
+    Negatives tied with t count as flagged (a tie cannot be told apart, so it is not given the benefit of the
+    doubt), and positives tied with t may push the true-positive rate above `tpr`, as on the ROC curve's step.
+    """
+    if positive.dim() != 1 or negative.dim() != 1 or len(positive) == 0 or len(negative) == 0:
+        raise ConfigError(f"the FPR at a TPR needs two non-empty 1-D score tensors, got {tuple(positive.shape)} "
+                          f"and {tuple(negative.shape)}")
+    if not 0 < tpr <= 1:
+        raise ConfigError(f"tpr must lie in (0, 1], got {tpr}")
+    ordered = positive.detach().cpu().double().sort(descending=True).values
+    needed = math.ceil(round(tpr * len(ordered), 9))  # round: 0.95 * 20 must give 19, not 19.000000000000004
+    threshold = ordered[needed - 1]
+    return (negative.detach().cpu().double() >= threshold).double().mean().item()

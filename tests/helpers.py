@@ -1,6 +1,9 @@
 """Small synthetic data shared by several test modules: learnable toy tasks that cost milliseconds."""
 from __future__ import annotations
 
+import io
+import pickle
+import struct
 from pathlib import Path
 from typing import Sequence
 
@@ -56,3 +59,28 @@ def train_tiny_run(data: Path, out: Path, *, model: str = "tutorial", flags: Seq
     assert main(["train", "--data", str(data), "--model", model, *flags, "--epochs", "1", "--batch-size", "16",
                  "--device", "cpu", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
     return out / "best.pt"
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Pickles str and bytes as Python 2 `str` (SHORT_BINSTRING/BINSTRING), as cPickle did for CIFAR."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_str8(self, obj: str | bytes) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = _save_str8
+
+
+def dump_py2(obj: object, path: Path) -> None:
+    """Pickle `obj` as the official CIFAR python files are: protocol 2, Python 2 `str` for bytes, numpy arrays
+    through `numpy.core.multiarray._reconstruct`."""
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump(obj)
+    # numpy >= 2 names its own module numpy._core; the official files say numpy.core.
+    path.write_bytes(buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))

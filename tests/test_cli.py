@@ -113,7 +113,7 @@ def test_resume_extends_a_finished_run(trained_run: Path, tmp_path: Path):
 
 def test_resume_refuses_changes_to_the_saved_config(trained_run: Path, capsys):
     assert main(["train", "--resume", str(trained_run), "--lr", "1.0"]) == 2
-    assert "only --epochs, --device, --progress may change (got optim.lr)" in capsys.readouterr().err
+    assert "only --epochs, --device, --progress, --eval-every may change (got optim.lr)" in capsys.readouterr().err
 
 
 def test_a_second_run_into_the_same_folder_is_refused(trained_run: Path, small_cifar: Path, capsys):
@@ -346,3 +346,33 @@ def test_a_folder_of_mixed_sizes_trains_with_image_size_and_predicts_alike(tmp_p
     with torch.no_grad():
         expected = loaded.model(loaded.preprocess.from_uint8(image)).softmax(1)[0]
     assert torch.allclose(predicted, expected, atol=1e-6)
+
+
+def test_bench_evaluates_every_epoch_unless_told_otherwise(tmp_path: Path, capsys):
+    data = write_image_folder(tmp_path / "data", train=8, test=4)
+    recipe = tmp_path / "sparse.yaml"  # a recipe that evaluates after its last epoch only, as the fast ones do
+    recipe.write_text("model: {name: tutorial}\ntrain: {epochs: 2, batch_size: 8, device: cpu, eval_every: 0}\n")
+    bench = ["bench", "--recipe", str(recipe), "--data", str(data), "--seeds", "1", "--thresholds", "0.0",
+             "--no-progress", "--csv", str(tmp_path / "bench.csv")]
+    assert main(bench) == 0 and main([*bench, "--eval-every", "0"]) == 0
+    with open(tmp_path / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["eval_every"], float(r["epoch_mean"])) for r in rows] == [("1", 1.0), ("0", 2.0)]
+    assert rows[0]["machine"] == hardware.machine_name(torch.device("cpu")) and rows[0]["timed"] == "setup+train+eval"
+
+
+def test_continual_novelty_flags_reach_the_config_and_bad_scores_stop_before_any_work(tmp_path: Path, capsys):
+    from cifarlab.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["continual", "--novelty-score", "all", "--knn-bank", "200", "--knn-k", "5",
+                                      "--feature-transform", "tukey+l2"])  # fmt: skip
+    section = config_from_args(args).continual
+    assert section.novelty_scores == ["mahalanobis", "relative-mahalanobis", "knn", "msp", "energy"]
+    assert (section.knn_bank, section.knn_k, section.feature_transform) == (200, 5, "tukey+l2")
+    picked = config_from_args(build_parser().parse_args(["continual", "--novelty-score", "msp, energy"]))
+    assert picked.continual.novelty_scores == ["msp", "energy"]
+    missing = str(tmp_path / "no-run")  # never read: the flags are refused first
+    assert main(["continual", "--run", missing, "--novelty-score", "mahalanobis,odin"]) == 2
+    assert "'odin' is not valid; choose one of: mahalanobis, relative-mahalanobis, knn" in capsys.readouterr().err
+    assert main(["continual", "--run", missing, "--novelty-score", "all"]) == 2
+    assert "needs a feature bank" in capsys.readouterr().err

@@ -33,6 +33,9 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
         ({"train": {"epoch": 3}}, "unknown key train.epoch; valid:"),
         ({"model": {"name": "resnet19"}}, "unknown model 'resnet19'; valid: cnn"),
         ({"data": {"pad_mode": "edge"}}, "data.pad_mode 'edge' is not valid; choose one of: zero, reflect"),
+        ({"data": {"labels": "super"}}, "data.labels 'super' is not valid; choose one of: fine, coarse"),
+        ({"data": {"labels": "coarse"}}, "data.labels 'coarse' (--labels coarse) needs data.dataset cifar100 "
+                                         "(--dataset cifar100): cifar10 has no coarse labels"),
         ({"data": {"input_size": 4}}, "data.input_size must be an integer >= 8 (pixels per side) or unset, got 4"),
         ({"optim": {"schedule": "multistep"}}, "needs optim.milestones"),
         ({"optim": {"warmup_epochs": 5}, "train": {"epochs": 5}}, "warmup_epochs (5.0) must be below train.epochs"),
@@ -114,3 +117,12 @@ def test_names_defined_in_config_are_the_ones_the_layers_above_implement():
     assert tuple(_BUFFERS) == config.PREPROCESSORS and PAD_MODES == config.PAD_MODES
     assert tuple(CORRUPTIONS) == config.CORRUPTIONS and SEVERITIES == config.SEVERITIES
     assert tuple(METHODS) == config.CONTINUAL_METHODS and tuple(PRIORS) == config.PRIORS
+
+
+def test_eval_every_is_a_count_of_epochs_and_0_means_the_last_only():
+    assert RunConfig.from_dict({}).train.eval_every == 1  # every epoch
+    assert RunConfig.from_dict({"train": {"eval_every": 0}}).train.eval_every == 0
+    with pytest.raises(ConfigError, match="train.eval_every must be >= 0, got -1"):
+        RunConfig.from_dict({"train": {"eval_every": -1}})
+    with pytest.raises(ConfigError, match="train.eval_every must be an integer"):
+        RunConfig.from_dict({"train": {"eval_every": True}})

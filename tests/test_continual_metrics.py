@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from cifarlab.continual.metrics import auroc, average_incremental_accuracy, forgetting, seen_accuracy
+from cifarlab.continual.metrics import auroc, average_incremental_accuracy, forgetting, fpr95, seen_accuracy
 
 # 3 steps, 4 classes: base {0, 1}, then class 2, then class 3.
 ACC = torch.tensor([[0.9, 0.8, 0.0, 0.0],
@@ -40,3 +40,11 @@ def test_auroc_equals_the_pairwise_definition_with_ties():
     pos, neg = scores[positive], scores[~positive]
     pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
     assert auroc(scores, positive) == pytest.approx(pairs.mean().item(), abs=1e-12)
+
+
+def test_fpr95_on_scores_and_a_positive_mask():
+    scores = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.9])
+    positive = torch.tensor([False, False, True, True, True])
+    # 95% of 3 positives is all 3: threshold 0.35, which flags the negative 0.4 of the two
+    assert fpr95(scores, positive) == pytest.approx(0.5)
+    assert math.isnan(fpr95(scores, torch.ones(5, dtype=torch.bool)))  # nothing unseen

@@ -31,9 +31,13 @@ def test_step_metrics_and_summary_on_a_hand_case():
     targets = torch.tensor([0, 0, 1, 1, 2, 2])
     seen0 = torch.tensor([True, True, False])
     # Step 0 knows classes 0, 1: class 2 images go to 1. Step 1 learns class 2 but forgets one class-0 image.
-    s0 = step_metrics(torch.tensor([0, 0, 1, 1, 1, 1]), targets, seen0, torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9, 0.8]))
-    s1 = step_metrics(torch.tensor([0, 2, 1, 1, 2, 2]), targets, torch.ones(3, dtype=torch.bool), torch.zeros(6))
-    assert s0["accuracy"] == pytest.approx(4 / 6) and s0["novelty_auroc"] == 1.0
+    # Two novelty scores, the default first: "good" ranks both class-2 images first, "bad" ranks them last.
+    good = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9, 0.8])
+    s0 = step_metrics(torch.tensor([0, 0, 1, 1, 1, 1]), targets, seen0, {"good": good, "bad": -good})
+    s1 = step_metrics(torch.tensor([0, 2, 1, 1, 2, 2]), targets, torch.ones(3, dtype=torch.bool),
+                      {"good": torch.zeros(6), "bad": torch.zeros(6)})
+    assert s0["accuracy"] == pytest.approx(4 / 6) and s0["novelty_auroc"] == 1.0 and s0["novelty_score"] == "good"
+    assert s0["novelty"] == {"good": {"auroc": 1.0, "fpr95": 0.0}, "bad": {"auroc": 0.0, "fpr95": 1.0}}
     assert s0["confusion_matrix"].tolist() == [[2, 0, 0], [0, 2, 0], [0, 2, 0]]
     seen = torch.stack([seen0, torch.ones(3, dtype=torch.bool)])
     summary = summarize_method([s0, s1], seen)
@@ -43,6 +47,9 @@ def test_step_metrics_and_summary_on_a_hand_case():
     assert summary["average_incremental_accuracy"] == pytest.approx((1 + 5 / 6) / 2)
     assert summary["forgetting"] == pytest.approx((0.5 + 0.0) / 2)  # class 0: 1 -> 0.5; class 1 kept
     assert summary["novelty_auroc_per_step"] == [1.0, None]  # nothing unseen after the last step
+    assert summary["novelty_fpr95_per_step"] == [0.0, None] and summary["novelty_score"] == "good"
+    assert summary["novelty"] == {"good": {"auroc_per_step": [1.0, None], "fpr95_per_step": [0.0, None]},
+                                  "bad": {"auroc_per_step": [0.0, None], "fpr95_per_step": [1.0, None]}}
     partial = summarize_method([None, s1], seen)  # e.g. the joint baseline: last step only
     assert partial["accuracy_per_step"][0] is None and partial["average_incremental_accuracy"] is None
 
@@ -73,7 +80,9 @@ def test_end_to_end_on_real_images(small_cifar, tmp_path):
         assert len(result["accuracy_per_step"]) == 3
         assert result["final_accuracy"] == result["accuracy_per_step"][-1]
         assert (out / f"confusion_{name}.png").is_file()
-    assert (out / "accuracy_per_step.png").is_file()
+    assert (out / "accuracy_per_step.png").is_file() and (out / "novelty_per_step.png").is_file()
+    assert summary["novelty_scores"] == ["mahalanobis", "relative-mahalanobis", "msp", "energy"]
+    assert summary["feature_transform"] == "none"
     assert summary["classes_learned_per_step"] == [2, 3, 4]
     assert summary["steps"] == [["airplane", "automobile"], ["bird"], ["cat"]]
     head = summary["methods"]["linear-head"]
@@ -83,12 +92,28 @@ def test_end_to_end_on_real_images(small_cifar, tmp_path):
     assert lda["final_accuracy"] > head["final_accuracy"]  # learning new classes helps on the 10-class test set
     assert [len(row) for row in lda["per_class_accuracy"]] == [10, 10, 10]
     assert lda["novelty_auroc_per_step"][0] is not None
+    # every score that applies to the method, per step: AUROC and FPR95; the old key is the default score's
+    assert list(lda["novelty"]) == ["mahalanobis", "relative-mahalanobis"] and lda["novelty_score"] == "mahalanobis"
+    assert lda["novelty"]["mahalanobis"]["auroc_per_step"] == lda["novelty_auroc_per_step"]
+    assert list(head["novelty"]) == ["msp", "energy"] and head["novelty_score"] == "msp"
+    for result in (lda, head, summary["methods"]["finetune"]):
+        for score in result["novelty"].values():
+            assert all(0 <= v <= 1 for v in score["auroc_per_step"] + score["fpr95_per_step"])  # 6 classes unseen
+    assert summary["methods"]["joint"]["novelty"]["msp"]["auroc_per_step"][:2] == [None, None]  # last step only
     assert load_state(out / "state.pt").classes == ("airplane", "automobile", "bird", "cat")
     assert summary["backbone"]["precision"] == resolve_precision(torch.device("cpu"), "auto")  # the base run's
     again = run_protocol(tmp_path / "base", ProtocolOptions(order=(2,), methods=("lda",), finetune_epochs=0,
                                                             precision="bf16", device="cpu", progress=False,
-                                                            out=str(tmp_path / "bf16")))
-    assert load_state(tmp_path / "bf16" / "state.pt").backbone.precision == again["backbone"]["precision"] == "bf16"
+                                                            out=str(tmp_path / "bf16"), feature_transform="tukey+l2",
+                                                            novelty_scores=("knn", "relative-mahalanobis"),
+                                                            knn_bank=30, knn_k=5))
+    again_state = load_state(tmp_path / "bf16" / "state.pt")
+    assert again_state.backbone.precision == again["backbone"]["precision"] == "bf16"
+    assert again_state.feature_transform == again["feature_transform"] == "tukey+l2"
+    assert [len(b) for b in again_state.stats.bank] == [30, 30, 30]  # 100 images per class, 30 kept
+    assert list(again["methods"]["lda"]["novelty"]) == ["mahalanobis", "relative-mahalanobis", "knn"]
+    assert list(again["methods"]["linear-head"]["novelty"]) == ["msp"]  # the default only: no head score asked for
+    assert again["methods"]["lda"]["novelty"]["knn"]["auroc_per_step"][0] is not None
     assert [t["images"] for t in summary["seconds_to_add_class"]] == [100] * 4
     torch.manual_seed(123)  # another global generator state: the protocol alone on the saved run agrees
     alone = run_protocol(tmp_path / "base", ProtocolOptions(order=(2, 3), methods=("lda",), finetune_epochs=1,
@@ -98,3 +123,4 @@ def test_end_to_end_on_real_images(small_cifar, tmp_path):
         assert alone["methods"][name]["accuracy_per_step"] == summary["methods"][name]["accuracy_per_step"]
     table = summary_table(summary)
     assert table.splitlines()[0].split()[:3] == ["method", "final", "acc"] and "finetune" in table
+    assert "FPR95 % (base)" in table and "relative-mahalanobis" in table

@@ -9,6 +9,7 @@ from cifarlab.continual.features import describe_backbone, extract_features
 from cifarlab.continual.state import (FORMAT, ContinualState, add_class_from_folder, load_state, save_state,
                                       state_to_dict)
 from cifarlab.continual.stats import batch_stats
+from cifarlab.continual.transforms import apply_transform
 from cifarlab.data.preprocess import fit_preprocessor
 from cifarlab.data.sources import load_dataset
 from cifarlab.errors import CheckpointError, CifarlabError, DataError
@@ -166,5 +167,44 @@ def test_damaged_or_foreign_files_are_refused(tmp_path, saved):
     torch.save({**payload, "weights": np.zeros(3)}, tmp_path / "pickled.pt")  # needs unpickling a numpy array
     for name, match in (("junk.pt", "not a cifarlab"), ("partial.pt", "damaged"), ("foreign.pt", "not a cifarlab"),
                         ("shapes.pt", "inconsistent"), ("pickled.pt", "not a cifarlab"), ("none.pt", "does not exist")):
+        with pytest.raises(CheckpointError, match=match):
+            load_state(tmp_path / name)
+
+
+def test_the_feature_transform_and_bank_are_saved_and_continual_add_uses_them(saved, tmp_path):
+    path, model, preprocess = saved
+    plain = load_state(path)
+    assert plain.feature_transform == "none" and plain.stats.bank == ()
+    state = ContinualState.empty(plain.backbone, 84, feature_transform="tukey+l2", bank_size=8)
+    a = extract_features(model, _images(30, 1), preprocess=preprocess)
+    state = state.add_class("a", [a], backbone=plain.backbone)
+    tukey_path = save_state(tmp_path / "tukey.pt", state)
+    loaded = load_state(tukey_path)
+    assert loaded.feature_transform == "tukey+l2" and loaded.stats.bank_size == 8
+    assert torch.equal(loaded.stats.bank[0], state.stats.bank[0]) and loaded.stats.bank[0].shape == (8, 84)
+    images = _images(12, seed=3)
+    add_class_from_folder(tukey_path, "c", _folder(tmp_path / "c", images), device="cpu")
+    got = load_state(tukey_path)
+    features = apply_transform("tukey+l2", extract_features(model, images, preprocess=preprocess).double())
+    ref = batch_stats(features)
+    torch.testing.assert_close(got.stats.per_class[1].sum, ref.sum, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.stats.per_class[1].scatter, ref.scatter, rtol=1e-6, atol=1e-6)
+    assert got.feature_transform == "tukey+l2" and [len(b) for b in got.stats.bank] == [8, 8]
+    torch.testing.assert_close(got.stats.bank[1], features[torch.arange(8) * 12 // 8].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_state_saved_before_transforms_and_banks_loads_as_none_without_a_bank(saved, tmp_path):
+    path, _, _ = saved
+    payload = state_to_dict(load_state(path))
+    for key in ("feature_transform", "bank_size", "bank_counts", "bank"):
+        del payload[key]
+    torch.save(payload, path)
+    old = load_state(path)
+    assert old.feature_transform == "none" and old.stats.bank_size == 0 and old.stats.bank == ()
+    full = state_to_dict(load_state(path))
+    torch.save({**full, "feature_transform": "pca"}, tmp_path / "transform.pt")
+    torch.save({**full, "bank_size": 4, "bank_counts": torch.tensor([4, 4]), "bank": torch.zeros(7, 84)},
+               tmp_path / "bank.pt")
+    for name, match in (("transform.pt", "unknown feature transform 'pca'"), ("bank.pt", "feature bank")):
         with pytest.raises(CheckpointError, match=match):
             load_state(tmp_path / name)

@@ -109,3 +109,27 @@ def test_relearning_a_class_is_an_error():
     s = FeatureStats.empty(5).add_class("cat", [_class_data(0)])
     with pytest.raises(CifarlabError, match="'cat' is already learned"):
         s.add_class("cat", [_class_data(1)])
+
+
+def test_the_background_of_all_classes_is_the_statistics_of_all_their_features_together():
+    data = {f"c{i}": _class_data(i, n=40 + 7 * i, offset=10.0 * i) for i in range(3)}
+    stats = FeatureStats.empty(5)
+    for name, x in data.items():
+        stats = stats.add_class(name, x.split(16))  # one class at a time, in batches: nothing old is revisited
+    everything = batch_stats(torch.cat(list(data.values())))
+    background = stats.background()
+    assert background.count == everything.count
+    np.testing.assert_allclose(background.mean.numpy(), everything.mean.numpy(), rtol=1e-13)
+    np.testing.assert_allclose(background.scatter.numpy(), everything.scatter.numpy(), rtol=1e-11)
+    with pytest.raises(CifarlabError, match="no class learned"):
+        FeatureStats.empty(5).background()
+
+
+def test_the_feature_bank_keeps_evenly_spaced_rows_whatever_the_batching():
+    x = _class_data(0, n=50)
+    for batches in (x.split(50), x.split(7), x.split(1)):
+        stats = FeatureStats.empty(5, bank_size=10).add_class("a", batches).add_class("b", [x[:4]])
+        assert torch.equal(stats.bank[0], x[::5].float()) and torch.equal(stats.bank[1], x[:4].float())
+    assert FeatureStats.empty(5).add_class("a", [x]).bank == ()  # off by default
+    with pytest.raises(CifarlabError, match="bank_size must be >= 0"):
+        FeatureStats.empty(5, bank_size=-1)

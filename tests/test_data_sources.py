@@ -9,7 +9,6 @@ import io
 import os
 import pickle
 import shutil
-import struct
 import tarfile
 from pathlib import Path
 
@@ -20,36 +19,15 @@ from PIL import Image
 
 from cifarlab.data import sources
 from cifarlab.data.sources import Split, load_dataset, stratified_indices, stratified_split
+from cifarlab.data.unpickle import load_pickle
 from cifarlab.errors import ConfigError, DataError
+from helpers import dump_py2
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 JPEG_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg"
 
 
-# --- writers for the official formats ---------------------------------------------------------
-
-class _Py2Pickler(pickle._Pickler):
-    """Pickles str and bytes as Python 2 `str` (SHORT_BINSTRING/BINSTRING), as cPickle did for CIFAR."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def _save_str8(self, obj: str | bytes) -> None:
-        data = obj.encode("latin1") if isinstance(obj, str) else obj
-        if len(data) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-        self.memoize(obj)
-
-    dispatch[str] = dispatch[bytes] = _save_str8
-
-
-def dump_py2(obj: object, path: Path) -> None:
-    buffer = io.BytesIO()
-    _Py2Pickler(buffer, protocol=2).dump(obj)
-    # numpy >= 2 names its own module numpy._core; the official files say numpy.core.
-    path.write_bytes(buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
-
+# --- writers for the official formats (the python version's pickles: helpers.dump_py2) -----------
 
 def _random_split(n: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -130,23 +108,78 @@ def test_batches_pickled_by_python3_also_load(tmp_path: Path, protocol: int) -> 
     assert np.array_equal(ds.test.images.numpy().reshape(3, -1), x) and ds.test.labels.tolist() == y.tolist()
 
 
-def test_cifar100_python_folder_uses_fine_labels(tmp_path: Path) -> None:
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    fine = [f"class{i:03d}".encode() for i in range(100)]
-    dump_py2({b"fine_label_names": fine, b"coarse_label_names": [b"super"] * 20}, folder / "meta")
-    splits = {}
-    for split, n in (("train", 6), ("test", 3)):
+def write_cifar100_python(folder: Path, *, train: int = 6, test: int = 3) -> dict[str, np.ndarray]:
+    """A cifar-100-python folder (train, test, meta) with random images; fine label f has coarse label f // 5."""
+    folder.mkdir(parents=True)
+    dump_py2({b"fine_label_names": [f"fine{i:03d}".encode() for i in range(100)],
+              b"coarse_label_names": [f"coarse{i:02d}".encode() for i in range(20)]}, folder / "meta")
+    want = {}
+    for split, n in (("train", train), ("test", test)):
         x, y = _random_split(n, 100, seed=n)
-        dump_py2({b"filenames": [b"f"] * n, b"batch_label": split.encode(), b"fine_labels": [int(v) for v in y],
-                  b"coarse_labels": [int(v) // 5 for v in y], b"data": x}, folder / split)
-        splits[split] = (x, y)
+        dump_py2({b"filenames": [f"img_{i}.png".encode() for i in range(n)], b"batch_label": split.encode(),
+                  b"fine_labels": [int(v) for v in y], b"coarse_labels": [int(v) // 5 for v in y], b"data": x},
+                 folder / split)
+        want[f"{split}_x"], want[f"{split}_y"] = x, y
+    return want
+
+
+def test_cifar100_python_folder_fine_and_coarse_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "cifar-100-python"
+    want = write_cifar100_python(folder)
     ds = _load(tmp_path, tmp_path, name="cifar100")
-    assert ds.name == "cifar100" and len(ds.classes) == 100 and ds.classes[3] == "class003"
-    assert torch.equal(ds.train.labels, torch.tensor(splits["train"][1]))
-    assert np.array_equal(ds.test.images.numpy().reshape(3, -1), splits["test"][0])
-    with pytest.raises(DataError, match="holds cifar100.*name='cifar100'"):
+    assert ds.name == "cifar100" and len(ds.classes) == 100 and ds.classes[3] == "fine003"
+    assert ds.source == f"cifar100-python:{folder.resolve()}"
+    assert torch.equal(ds.train.labels, torch.tensor(want["train_y"]))
+    assert np.array_equal(ds.test.images.numpy().reshape(3, -1), want["test_x"])
+    # Both label sets are decoded once and cached together: switching decodes nothing and never mixes them up.
+    monkeypatch.setattr(sources, "_decode", lambda *a, **k: pytest.fail("decoded although cached"))
+    coarse = _load(folder, tmp_path, name="cifar100", labels="coarse")
+    assert coarse.classes == tuple(f"coarse{i:02d}" for i in range(20))
+    assert torch.equal(coarse.train.labels, torch.tensor(want["train_y"] // 5))
+    assert torch.equal(coarse.test.labels, torch.tensor(want["test_y"] // 5))
+    assert torch.equal(coarse.train.images, ds.train.images)
+    assert _load(folder, tmp_path, name="cifar100").classes == ds.classes
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.npz"))) == 1
+    with pytest.raises(DataError, match=r"holds cifar100.*name='cifar100' \(--dataset cifar100\)"):
         _load(folder, tmp_path, name="cifar10")
+
+
+def test_cifar100_archive_with_coarse_labels_and_the_wrong_dataset_name(tmp_path: Path) -> None:
+    want = write_cifar100_python(tmp_path / "src" / "cifar-100-python")
+    archive = _make_tar(tmp_path / "src" / "cifar-100-python", tmp_path / "cifar-100-python.tar.gz")
+    ds = _load(archive, tmp_path, name="cifar100", labels="coarse")
+    assert len(ds.classes) == 20 and ds.source == f"cifar100-python:{archive.resolve()}"
+    assert torch.equal(ds.test.labels, torch.tensor(want["test_y"] // 5))
+    with pytest.raises(DataError, match=r"cifar-100-python.tar.gz holds cifar100, not cifar10; .*--dataset cifar100"):
+        _load(archive, tmp_path / "other")
+
+
+def test_a_cache_from_before_coarse_labels_is_decoded_again(tmp_path: Path) -> None:
+    write_cifar100_python(tmp_path / "cifar-100-python")
+    _load(tmp_path, tmp_path, name="cifar100")
+    (cache,) = (tmp_path / "cache" / "decoded").glob("*.npz")
+    with np.load(cache) as z:  # what a cache written with the fine labels only holds
+        old = {k: z[k] for k in z.files if "coarse" not in k}
+    with open(cache, "wb") as f:
+        np.savez(f, **old)
+    assert len(_load(tmp_path, tmp_path, name="cifar100", labels="coarse").classes) == 20
+
+
+def test_coarse_labels_where_there_are_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_cifar10_python(tmp_path / "c10" / "cifar-10-batches-py")
+    with pytest.raises(ConfigError, match=r"cifar10 at \S*cifar-10-batches-py \(cifar10-python\) has no coarse labels, "
+                                          r"only fine; data.labels 'coarse' \(--labels coarse\) needs the official "
+                                          r"CIFAR-100 python version"):
+        _load(tmp_path / "c10", tmp_path, labels="coarse")
+    with pytest.raises(ConfigError, match="unknown label set 'medium'; choose from fine, coarse"):
+        _load(tmp_path / "c10", tmp_path, labels="medium")
+    archive = _make_tar(tmp_path / "c10" / "cifar-10-batches-py", tmp_path / "c10.tar.gz")  # known once extracted
+    with pytest.raises(ConfigError, match=r"cifar10 at \S*c10.tar.gz \(cifar10-python\) has no coarse labels"):
+        _load(archive, tmp_path, labels="coarse")
+    _write_image_folder(tmp_path / "imgs")
+    monkeypatch.setattr(sources, "_decode", lambda *a, **k: pytest.fail("decoded before refusing"))
+    with pytest.raises(ConfigError, match=r"cifar100 at \S*imgs \(image-folder\) has no coarse labels"):
+        _load(tmp_path / "imgs", tmp_path, name="cifar100", labels="coarse")
 
 
 def test_cifar10_binary_folder(tmp_path: Path) -> None:
@@ -391,6 +424,74 @@ def test_wrong_array_shape_in_batch(tmp_path: Path) -> None:
     dump_py2({b"labels": [0, 1, 2], b"data": np.zeros((2, 3072), np.uint8)}, folder / "data_batch_2")
     with pytest.raises(DataError, match="data_batch_2: expected 2 integer labels"):
         _load(folder, tmp_path)
+
+
+def _rewrite_batch(folder: Path, split: str, **changes) -> None:
+    """Rewrite a cifar-100-python batch with some keys replaced (value None: the key removed)."""
+    batch = load_pickle(folder / split)
+    for key, value in changes.items():
+        if value is None:
+            del batch[key.encode()]
+        else:
+            batch[key.encode()] = value
+    dump_py2(batch, folder / split)
+
+
+def _c100_no_meta(folder: Path) -> str:
+    (folder / "meta").unlink()
+    return r"cifar-100-python \(cifar100-python\) lacks meta; expected train, test, meta"
+
+
+def _c100_no_test_split(folder: Path) -> str:
+    (folder / "test").unlink()
+    return r"cifar-100-python \(cifar100-python\) lacks test; expected train, test, meta"
+
+
+def _c100_fine_label_out_of_range(folder: Path) -> str:
+    _rewrite_batch(folder, "train", fine_labels=[0, 1, 2, 3, 4, 100])
+    return r"cifar-100-python/train: b'fine_labels' must lie in \[0, 100\) \(the meta file names 100 classes\), found 0..100"
+
+
+def _c100_coarse_label_out_of_range(folder: Path) -> str:
+    _rewrite_batch(folder, "test", coarse_labels=[-1, 0, 19])
+    return r"cifar-100-python/test: b'coarse_labels' must lie in \[0, 20\) .*found -1..19"
+
+
+def _c100_wrong_data_shape(folder: Path) -> str:
+    _rewrite_batch(folder, "train", data=np.zeros((6, 3, 32, 32), np.uint8))
+    return (r"cifar-100-python/train: b'data' must be a uint8 array of shape \(N, 3072\), "
+            r"got uint8 \(6, 3, 32, 32\)")
+
+
+def _c100_labels_not_one_per_image(folder: Path) -> str:
+    _rewrite_batch(folder, "test", coarse_labels=[0, 1])
+    return r"cifar-100-python/test: expected 3 integer labels in b'coarse_labels', got int64 \(2,\)"
+
+
+def _c100_no_coarse_labels(folder: Path) -> str:
+    _rewrite_batch(folder, "train", coarse_labels=None)
+    return r"cifar-100-python/train: expected a dict with b'data', b'fine_labels', b'coarse_labels'"
+
+
+def _c100_no_coarse_names(folder: Path) -> str:
+    dump_py2({b"fine_label_names": [b"f"] * 100}, folder / "meta")
+    return r"cifar-100-python/meta: expected a dict with b'coarse_label_names': a list of class names"
+
+
+@pytest.mark.parametrize("damage", [_c100_no_meta, _c100_no_test_split, _c100_fine_label_out_of_range,
+                                    _c100_coarse_label_out_of_range, _c100_wrong_data_shape,
+                                    _c100_labels_not_one_per_image, _c100_no_coarse_labels, _c100_no_coarse_names])
+def test_bad_cifar100_archive_names_the_file_inside_it(tmp_path: Path, damage) -> None:
+    folder = tmp_path / "src" / "cifar-100-python"
+    write_cifar100_python(folder)
+    message = damage(folder)
+    archive = _make_tar(folder, tmp_path / "cifar-100-python.tar.gz")
+    with pytest.raises(DataError, match=message) as error:
+        _load(archive, tmp_path, name="cifar100")
+    # The file is named inside the archive, not in the temporary folder it was extracted to.
+    assert str(error.value).startswith(f"{archive.resolve()}/cifar-100-python") and ".extract-" not in str(error.value)
+    with pytest.raises(DataError, match=message):  # the folder itself
+        _load(folder, tmp_path, name="cifar100")
 
 
 def test_truncated_pickle(tmp_path: Path) -> None:

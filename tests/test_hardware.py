@@ -67,6 +67,13 @@ def test_isa_names_the_instruction_sets():
     assert AMX.isa == "AVX2, AVX-512, AMX" and AMX.native_bf16
 
 
+def test_machine_name_is_the_cpus_model_and_isa_or_the_gpus_name(fake_cpu, monkeypatch):
+    fake_cpu(AMX)
+    assert hardware.machine_name(CPU) == "Intel Xeon (Sapphire Rapids) (AVX2, AVX-512, AMX)"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    assert hardware.machine_name(torch.device("cuda")) == "Fake GPU"
+
+
 def test_cpu_info_reads_this_machine():
     info = hardware.cpu_info()
     assert info.model and isinstance(info.flags, frozenset)

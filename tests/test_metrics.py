@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cifarlab.errors import ConfigError
-from cifarlab.metrics import accuracy, auroc, confusion_matrix, per_class_accuracy
+from cifarlab.metrics import accuracy, auroc, confusion_matrix, fpr_at_tpr, per_class_accuracy
 
 
 def test_confusion_matrix_matches_hand_count():
@@ -93,3 +93,37 @@ def test_auroc_is_exact_on_a_test_set_sized_input():
     ties = torch.searchsorted(ordered, pos, side="right") - below
     wins_doubled = (2 * below + ties).sum().item()  # an exact integer: twice the pairs won
     assert auroc(pos, neg) == wins_doubled / 2 / (len(pos) * len(neg))
+
+
+def test_fpr_at_95_tpr_by_hand():
+    # 20 positives 1..20: flagging 95% of them (19) needs the threshold at the 19th largest, 2.
+    positive = torch.arange(1.0, 21.0)
+    negative = torch.tensor([0.0, 1.0, 1.5, 2.5, 30.0])
+    assert fpr_at_tpr(positive, negative) == pytest.approx(2 / 5)  # 2.5 and 30 are >= 2
+    assert fpr_at_tpr(positive, negative, tpr=1.0) == pytest.approx(4 / 5)  # threshold 1: the tied 1.0 is flagged
+    assert fpr_at_tpr(positive, negative, tpr=0.5) == pytest.approx(1 / 5)  # 10th largest, 11: only 30
+    assert fpr_at_tpr(torch.tensor([5.0, 6.0]), torch.tensor([1.0, 2.0])) == 0.0  # separated
+    assert fpr_at_tpr(torch.tensor([1.0, 2.0]), torch.tensor([5.0, 6.0])) == 1.0  # reversed
+
+
+def test_fpr_at_95_tpr_with_ties():
+    # All scores equal: no threshold tells them apart, so flagging 95% of the positives flags every negative.
+    assert fpr_at_tpr(torch.ones(10), torch.ones(7)) == 1.0
+    # Positives 0 x 5, 1 x 15: 95% of 20 = 19 needs the threshold at 0, which flags every negative >= 0 ...
+    positive = torch.tensor([0.0] * 5 + [1.0] * 15)
+    assert fpr_at_tpr(positive, torch.tensor([-1.0, 0.0, 0.5, 1.0])) == pytest.approx(3 / 4)
+    # ... while 75% (15) is reached at 1, where only the negative tied at 1 is flagged
+    assert fpr_at_tpr(positive, torch.tensor([-1.0, 0.0, 0.5, 1.0]), tpr=0.75) == pytest.approx(1 / 4)
+
+
+def test_fpr_at_tpr_matches_a_threshold_sweep():
+    g = torch.Generator().manual_seed(1)
+    pos, neg = torch.randint(0, 30, (57,), generator=g).double(), torch.randint(0, 25, (41,), generator=g).double()
+    # slow reference: over every candidate threshold, the lowest FPR among those with TPR >= 95%
+    best = min((neg >= t).double().mean().item() for t in torch.cat([pos, neg]).unique()
+               if (pos >= t).double().mean().item() >= 0.95)
+    assert fpr_at_tpr(pos, neg) == best
+    with pytest.raises(ConfigError):
+        fpr_at_tpr(pos, neg[:0])
+    with pytest.raises(ConfigError, match="tpr"):
+        fpr_at_tpr(pos, neg, tpr=0.0)

@@ -65,6 +65,16 @@ def test_forward_backward_features(case: tuple[str, dict]) -> None:
 
 
 @pytest.mark.parametrize("name", NATIVE)
+def test_every_model_builds_for_cifar100(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=100).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 100) and torch.isfinite(logits).all()
+    assert model.get_classifier().out_features == 100 and model.model_args["num_classes"] == 100
+
+
+@pytest.mark.parametrize("name", NATIVE)
 def test_same_seed_same_init_and_rebuild_from_model_args(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, num_classes=7)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 
 import pytest
@@ -42,12 +43,13 @@ def synthetic_data(n_train: int = 96, n_test: int = 40, seed: int = 0) -> TrainD
     )
 
 
-def config(epochs: int = 3, **optim) -> RunConfig:
+def config(epochs: int = 3, eval_every: int = 1, **optim) -> RunConfig:
     return RunConfig.from_dict(
         {
             "model": {"name": "tutorial"},
             "optim": {"optimizer": "sgd", "lr": 0.05, "schedule": "cosine", **optim},
-            "train": {"epochs": epochs, "batch_size": 16, "device": "cpu", "progress": False, "seed": 3},
+            "train": {"epochs": epochs, "batch_size": 16, "device": "cpu", "progress": False, "seed": 3,
+                      "eval_every": eval_every},
         }
     )
 
@@ -65,11 +67,17 @@ class _Hooked(PlainTraining):
         return {}
 
 
-def train(run_dir=None, on_epoch_end=None, **kwargs):
+def train(run_dir=None, on_epoch_end=None, eval_every=1, data=None, **kwargs):
     torch.manual_seed(0)
     model = create_model("tutorial", num_classes=3)
     variant = _Hooked(model, on_epoch_end) if on_epoch_end is not None else None
-    return fit(model, data=synthetic_data(), config=config(), run_dir=run_dir, variant=variant, **kwargs)
+    return fit(model, data=data or synthetic_data(), config=config(eval_every=eval_every), run_dir=run_dir,
+               variant=variant, **kwargs)
+
+
+def with_val(data: TrainData) -> TrainData:
+    """The data with a validation split (the test images again), so that best.pt is chosen by val_acc."""
+    return dataclasses.replace(data, evals={"val": data.evals["test"], **data.evals})
 
 
 def test_evaluated_accuracy_is_exact_at_a_threshold():
@@ -89,6 +97,44 @@ def test_eval_from_skips_the_early_evaluations_but_not_in_a_run_folder(tmp_path)
     assert [row["test_acc"] is None for row in history] == [True, True, False]
     with pytest.raises(ValueError, match="eval_from > 1"):
         train(tmp_path, eval_from=2)
+
+
+@pytest.mark.parametrize("every, evaluated", [(2, [False, True, True]), (0, [False, False, True])])
+def test_eval_every_evaluates_every_kth_and_the_last_epoch_and_leaves_training_alone(tmp_path, every, evaluated):
+    each = train()
+    sparse = train(tmp_path, eval_every=every)
+    assert [row["test_acc"] is not None for row in sparse.history] == evaluated
+    assert all(row["train_loss"] is not None and row["train_acc"] is not None for row in sparse.history)
+    assert [r["train_loss"] for r in sparse.history] == [r["train_loss"] for r in each.history]
+    assert sparse.history[-1]["test_acc"] == each.history[-1]["test_acc"]
+    assert sparse.train_seconds > 0
+    for a, b in zip(each.model.state_dict().values(), sparse.model.state_dict().values()):
+        assert torch.equal(a, b)  # evaluation draws none of training's random numbers
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["test_acc"] != "" for r in rows] == evaluated and all(r["train_acc"] != "" for r in rows)
+
+
+def test_val_is_evaluated_every_epoch_so_best_pt_and_a_resume_do_not_depend_on_the_cadence(tmp_path):
+    each = train(tmp_path / "each", data=with_val(synthetic_data()))
+    sparse = train(tmp_path / "sparse", eval_every=0, data=with_val(synthetic_data()))
+    assert [row["val_acc"] for row in sparse.history] == [row["val_acc"] for row in each.history]
+    assert [row["test_acc"] is not None for row in sparse.history] == [False, False, True]
+    best = read_checkpoint(tmp_path / "sparse" / "best.pt")
+    assert best["epoch"] == read_checkpoint(tmp_path / "each" / "best.pt")["epoch"]
+
+    def killed_after_first_epoch(epoch, model):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "killed", on_epoch_end=killed_after_first_epoch, eval_every=0, data=with_val(synthetic_data()))
+    payload = read_checkpoint(tmp_path / "killed" / "last.pt")
+    resumed = fit(create_model("tutorial", num_classes=3), data=with_val(synthetic_data()), config=config(eval_every=0),
+                  run_dir=tmp_path / "killed", resume=payload)
+    for column in ("train_loss", "val_acc", "test_acc"):
+        assert [r[column] for r in resumed.history] == [r[column] for r in sparse.history]
+    assert read_checkpoint(tmp_path / "killed" / "best.pt")["epoch"] == best["epoch"]
 
 
 def test_learns_the_toy_task_and_writes_the_run_folder(tmp_path):

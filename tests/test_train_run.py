@@ -1,6 +1,8 @@
-"""run_training's frozen-prefix shortcut: computed once, the same batches and the same model as from the images."""
+"""run_training's frozen-prefix shortcut (computed once, the same batches and the same model as from the images), and
+run folders whose epochs are not all evaluated on the test set (train.eval_every)."""
 import pytest
 import torch
+from helpers import write_image_folder
 
 from cifarlab.config import RunConfig
 from cifarlab.data.augment import Augment
@@ -8,6 +10,8 @@ from cifarlab.data.loader import BatchLoader, TrainData
 from cifarlab.data.preprocess import fit_preprocessor
 from cifarlab.data.sources import Split
 from cifarlab.models import create_model
+from cifarlab.report.run_report import compare_runs, read_metrics
+from cifarlab.train.checkpoint import read_checkpoint
 from cifarlab.train.inference import evaluate_checkpoint
 from cifarlab.train.run import precompute_frozen_prefix, run_training
 
@@ -60,3 +64,26 @@ def test_a_private_scatter_run_trains_on_the_prefix_and_its_checkpoint_reads_ima
     assert summary["frozen_prefix_seconds"] > 0 and summary["test_accuracy"] > 0.2  # chance: 0.1
     report = evaluate_checkpoint(tmp_path / "run" / "best.pt", device="cpu")  # from the JPEG files, no cache
     assert report["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-9)
+
+
+def test_a_run_tested_every_second_epoch_selects_reports_compares_and_resumes(tmp_path):
+    config = RunConfig.from_dict({
+        "data": {"path": str(write_image_folder(tmp_path / "images")), "val_size": 15},
+        "model": {"name": "tutorial"},
+        "optim": {"lr": 0.05},
+        "train": {"epochs": 3, "batch_size": 16, "device": "cpu", "progress": False, "eval_every": 2,
+                  "out": str(tmp_path / "run")},
+    })
+    summary = run_training(config).summary
+    rows = read_metrics(tmp_path / "run")
+    assert [row["val_acc"] is not None for row in rows] == [True, True, True]  # val picks best.pt: every epoch
+    assert [row["test_acc"] is not None for row in rows] == [False, True, True]
+    assert rows[0]["train_acc"] is not None
+    assert summary["best_epoch"] == 1 + max(range(3), key=lambda i: (rows[i]["val_acc"], -i))
+    assert summary["selected_by"] == "val_acc" and summary["final_test_accuracy"] == rows[-1]["test_acc"]
+    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "curves.png").is_file()
+    assert "run" in compare_runs([tmp_path / "run"], out=tmp_path)
+    extended = RunConfig.from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "epochs": 5}})
+    run_training(extended, resume=tmp_path / "run")
+    assert [row["test_acc"] is not None for row in read_metrics(tmp_path / "run")] == [False, True, True, True, True]
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 4

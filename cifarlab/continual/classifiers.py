@@ -19,11 +19,19 @@ the same lam means the same thing whatever the scale of the features; lam is set
 user or chosen by OAS (Chen et al. 2010), which, unlike Ledoit-Wolf, needs only the sample
 covariance and so works from sufficient statistics. Solves go through a Cholesky factor,
 never an explicit inverse.
+
+A classifier applies its statistics' feature transform (cifarlab.continual.transforms) to the
+features it is given, so callers always pass the backbone's features. Besides the class
+Gaussians it keeps the background Gaussian of all seen features, the reference of the relative
+Mahalanobis novelty score (Ren et al. 2021, "A Simple Fix to Mahalanobis Distance for Improving
+Near-OOD Detection"); its Cholesky factor is computed on first use, so a method whose user never
+asks for that score never needs the background covariance to be well conditioned.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -31,6 +39,7 @@ from torch import Tensor
 
 from cifarlab.config import PRIORS
 from cifarlab.continual.stats import FeatureStats, pooled_covariance
+from cifarlab.continual.transforms import apply_transform
 from cifarlab.errors import ConfigError, DataError
 
 MAX_CONDITION = 1e12  # past this, float64 solves keep fewer than 4 correct digits
@@ -57,13 +66,17 @@ class MethodOptions:
 @dataclass(frozen=True)
 class GaussianClassifier:
     """A fitted method. `chol` is the lower Cholesky factor of the covariance: (D, D) when
-    shared by all classes, (C, D, D) when per class. All tensors float64 on CPU."""
+    shared by all classes, (C, D, D) when per class; `background_mean` / `background_cov` the
+    shrunk Gaussian of all seen features. All tensors float64 on CPU, in the transformed space."""
 
     method: str
     classes: tuple[str, ...]
     means: Tensor      # (C, D)
     chol: Tensor       # (D, D) or (C, D, D)
     log_prior: Tensor  # (C,)
+    transform: str = "none"
+    background_mean: Tensor | None = None  # (D,)
+    background_cov: Tensor | None = None   # (D, D)
 
     @property
     def shared(self) -> bool:
@@ -80,9 +93,13 @@ class GaussianClassifier:
             return torch.zeros(len(self.classes), dtype=torch.float64)
         return 2 * self.chol.diagonal(dim1=-2, dim2=-1).log().sum(dim=1)
 
+    def features(self, z: Tensor) -> Tensor:
+        """The backbone's features z (B, D) as this classifier sees them: float64 on CPU, transformed."""
+        return apply_transform(self.transform, z.detach().to(device="cpu", dtype=torch.float64))
+
     def mahalanobis(self, z: Tensor) -> Tensor:
         """Squared Mahalanobis distance of each row of z (B, D) to each class mean: (B, C)."""
-        z = z.detach().to(device="cpu", dtype=torch.float64)
+        z = self.features(z)
         if self.shared:
             # ||L^-1 (z - mu)||^2 = z.Sigma^-1 z - 2 (w.z - b): one triangular solve for all classes.
             w, b = self._linear()
@@ -95,7 +112,7 @@ class GaussianClassifier:
         """Class scores (B, C): log-likelihood + log prior, up to a per-row constant."""
         if self.shared:
             w, b = self._linear()
-            return z.detach().to(device="cpu", dtype=torch.float64) @ w.T - b + self.log_prior
+            return self.features(z) @ w.T - b + self.log_prior
         return -0.5 * (self.mahalanobis(z) + self._log_det()) + self.log_prior
 
     def predict(self, z: Tensor) -> Tensor:
@@ -106,6 +123,27 @@ class GaussianClassifier:
         """Novelty score (B,), higher = more likely an unseen class: the smallest distance to a
         learned class, -2 x the best class log-likelihood without prior (Lee et al. 2018)."""
         return (self.mahalanobis(z) + self._log_det()).min(dim=1).values
+
+    @cached_property
+    def _background_chol(self) -> Tensor:
+        if self.background_mean is None or self.background_cov is None:
+            raise ConfigError(f"this {self.method} classifier was built without background statistics; "
+                              f"fit it with classifiers.fit")
+        return cholesky(self.background_cov, what="background (all classes, relative Mahalanobis)")
+
+    def background_distance(self, z: Tensor) -> Tensor:
+        """Squared Mahalanobis distance of each row of z (B, D) to the background Gaussian of every seen
+        feature: (B,)."""
+        centred = self.features(z) - self.background_mean
+        return torch.linalg.solve_triangular(self._background_chol, centred.T, upper=False).square().sum(dim=0)
+
+    def relative_novelty(self, z: Tensor) -> Tensor:
+        """Relative Mahalanobis novelty (B,) (Ren et al. 2021): `novelty` minus the distance to the background
+        Gaussian, min_c [MD_c(z) (+ log det Sigma_c)] - MD_0(z), i.e. -2 x the log-likelihood ratio of the best
+        class against the background, up to a constant. Directions in which every class varies alike (shared
+        nuisance, e.g. the feature norm) raise both terms and cancel. As in the paper, the background has its own
+        full (shrunk) covariance whatever the method's class covariances are (ncm's included)."""
+        return self.novelty(z) - self.background_distance(z)
 
 
 def shrink(cov: Tensor, lam: float) -> Tensor:
@@ -153,6 +191,18 @@ def _means(stats: FeatureStats) -> Tensor:
     return torch.stack([c.mean for c in stats.per_class])
 
 
+def _background(stats: FeatureStats, options: MethodOptions) -> dict[str, Tensor]:
+    """The background Gaussian's mean and covariance (around the mean of all seen features), shrunk as the
+    method's covariances are."""
+    total = stats.background()
+    return {"background_mean": total.mean, "background_cov": _shrunk_covariance(total.covariance(),
+                                                                                max(total.count - 1, 1), options)}
+
+
+def _extras(stats: FeatureStats, options: MethodOptions) -> dict[str, object]:
+    return {"transform": stats.transform, **_background(stats, options)}
+
+
 def _shared_covariance(stats: FeatureStats, options: MethodOptions) -> Tensor:
     n = sum(c.count for c in stats.per_class)
     return _shrunk_covariance(pooled_covariance(stats.per_class), max(n - len(stats.classes), 1), options)
@@ -160,7 +210,8 @@ def _shared_covariance(stats: FeatureStats, options: MethodOptions) -> Tensor:
 
 def fit_lda(stats: FeatureStats, options: MethodOptions) -> GaussianClassifier:
     chol = cholesky(_shared_covariance(stats, options), what="shared (lda)")
-    return GaussianClassifier("lda", stats.classes, _means(stats), chol, _log_prior(stats, options))
+    return GaussianClassifier("lda", stats.classes, _means(stats), chol, _log_prior(stats, options),
+                              **_extras(stats, options))
 
 
 def fit_qda_shrink(stats: FeatureStats, options: MethodOptions) -> GaussianClassifier:
@@ -169,18 +220,21 @@ def fit_qda_shrink(stats: FeatureStats, options: MethodOptions) -> GaussianClass
     chol = torch.stack([cholesky((1 - g) * c.covariance() + g * shared, what=f"class {name!r} (qda-shrink)",
                                  remedy="raise class_shrinkage (e.g. 0.5)")
                         for name, c in zip(stats.classes, stats.per_class)])
-    return GaussianClassifier("qda-shrink", stats.classes, _means(stats), chol, _log_prior(stats, options))
+    return GaussianClassifier("qda-shrink", stats.classes, _means(stats), chol, _log_prior(stats, options),
+                              **_extras(stats, options))
 
 
 def fit_ncm(stats: FeatureStats, options: MethodOptions) -> GaussianClassifier:
     eye = torch.eye(stats.dim, dtype=torch.float64)
-    return GaussianClassifier("ncm", stats.classes, _means(stats), eye, _log_prior(stats, options))
+    return GaussianClassifier("ncm", stats.classes, _means(stats), eye, _log_prior(stats, options),
+                              **_extras(stats, options))
 
 
 def fit_slda(stats: FeatureStats, options: MethodOptions) -> GaussianClassifier:
     cov = _shrunk_covariance(stats.stream.covariance(), max(stats.stream.updates, 1), options)
     chol = cholesky(cov, what="streaming (slda)")
-    return GaussianClassifier("slda", stats.classes, _means(stats), chol, _log_prior(stats, options))
+    return GaussianClassifier("slda", stats.classes, _means(stats), chol, _log_prior(stats, options),
+                              **_extras(stats, options))
 
 
 METHODS: dict[str, Callable[[FeatureStats, MethodOptions], GaussianClassifier]] = {

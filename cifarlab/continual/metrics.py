@@ -43,3 +43,12 @@ def auroc(scores: Tensor, positive: Tensor) -> float:
     if positive.all() or not positive.any():
         return float("nan")
     return metrics.auroc(scores[positive], scores[~positive])
+
+
+def fpr95(scores: Tensor, positive: Tensor) -> float:
+    """False-positive rate at 95% true-positive rate of `scores` (N,) for detecting the `positive` (N,) bool rows
+    (cifarlab.metrics.fpr_at_tpr); nan when either group is empty."""
+    scores, positive = scores.detach().cpu(), positive.cpu().bool()
+    if positive.all() or not positive.any():
+        return float("nan")
+    return metrics.fpr_at_tpr(scores[positive], scores[~positive], tpr=0.95)

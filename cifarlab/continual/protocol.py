@@ -9,8 +9,13 @@ Methods are the Gaussian classifiers of `classifiers.METHODS` plus three baselin
 `linear-head` (the backbone's own head: base classes only), `finetune` (naive fine-tuning of the
 whole network + a widened head on each new group alone: catastrophic forgetting, the lower bound)
 and `joint` (training on all learned classes at once: the upper bound, one full training).
-Writes to the output folder: summary.json, accuracy_per_step.png, confusion_<method>.png
-(after the last step) and state.pt (the final classifier state, for `add_class_from_folder`).
+Every method's novelty detection (test images of classes not learned yet = positives) is scored
+after every step by the scores of `novelty.NOVELTY_SCORES` that apply to it (AUROC and FPR at 95%
+TPR): the Gaussian methods by the classifier and feature-bank scores, the heads by msp and energy;
+each method's default score (mahalanobis, msp) always, as `novelty_auroc_per_step`.
+Writes to the output folder: summary.json, accuracy_per_step.png, novelty_per_step.png,
+confusion_<method>.png (after the last step) and state.pt (the final classifier state, for
+`add_class_from_folder`).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +33,12 @@ from torch import Tensor, nn
 from cifarlab.config import PRECISIONS, RunConfig, merge
 from cifarlab.continual.classifiers import METHODS, MethodOptions, fit
 from cifarlab.continual.features import FEATURE_BATCH_SIZE, describe_backbone, extract_features
-from cifarlab.continual.metrics import auroc, average_incremental_accuracy, forgetting, seen_accuracy
-from cifarlab.continual.plots import plot_accuracy_per_step
+from cifarlab.continual.metrics import auroc, average_incremental_accuracy, forgetting, fpr95, seen_accuracy
+from cifarlab.continual.novelty import (DEFAULT_KNN_K, DEFAULT_NOVELTY_SCORES, GAUSSIAN_DEFAULT, HEAD_DEFAULT,
+                                        bank_scores, check_novelty_scores, classifier_scores, head_scores)
+from cifarlab.continual.plots import plot_accuracy_per_step, plot_novelty_per_step
 from cifarlab.continual.state import ContinualState, save_state
+from cifarlab.continual.transforms import check_transform
 from cifarlab.data.loader import BatchLoader, TrainData, relabelling
 from cifarlab.data.preprocess import Preprocessor
 from cifarlab.data.sources import Dataset, Split, load_dataset
@@ -58,7 +66,10 @@ class ProtocolOptions:
     joint: also train the `joint` upper bound; data: dataset path (default: the base run's);
     precision: "fp32", "bf16" or "auto" for the backbone's forward passes (default: the base run's
     train.precision, resolved for the device as in training); the state records it, so that
-    `continual add` computes its features alike.
+    `continual add` computes its features alike; feature_transform: applied to every feature before the
+    statistics, classification and scores (see continual.transforms; saved with the state); novelty_scores:
+    the novelty scores to report (see continual.novelty; `knn` needs knn_bank > 0, the features kept per class,
+    and reads the knn_k-th nearest).
     """
 
     order: tuple[int, ...] | None = None
@@ -74,6 +85,10 @@ class ProtocolOptions:
     batch_size: int = FEATURE_BATCH_SIZE
     out: str | None = None  # default: <base run>/continual
     progress: bool = True
+    feature_transform: str = "none"
+    novelty_scores: tuple[str, ...] = DEFAULT_NOVELTY_SCORES
+    knn_bank: int = 0
+    knn_k: int = DEFAULT_KNN_K
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -81,9 +96,14 @@ class ProtocolOptions:
             raise ConfigError(f"unknown continual method(s) {unknown or '(none given)'}; valid: {', '.join(METHODS)}")
         if self.precision not in (None, *PRECISIONS):
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name, low in (("group_size", 1), ("finetune_epochs", 0), ("batch_size", 1)):
+        for name, low in (("group_size", 1), ("finetune_epochs", 0), ("batch_size", 1), ("knn_bank", 0),
+                          ("knn_k", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        check_transform(self.feature_transform)
+        check_novelty_scores(self.novelty_scores, knn_bank=self.knn_bank)
+        if self.knn_bank and self.knn_k > self.knn_bank:
+            raise ConfigError(f"knn_k ({self.knn_k}) must not exceed knn_bank ({self.knn_bank})")
 
 
 def protocol_options(config: RunConfig, *, precision: str | None = None) -> ProtocolOptions:
@@ -96,7 +116,8 @@ def protocol_options(config: RunConfig, *, precision: str | None = None) -> Prot
         method_options=MethodOptions(shrinkage=section.shrinkage, class_shrinkage=section.class_shrinkage,
                                      prior=section.prior),
         joint=section.joint, data=config.data.path, device=config.train.device, precision=precision,
-        out=section.out, progress=config.train.progress)
+        out=section.out, progress=config.train.progress, feature_transform=section.feature_transform,
+        novelty_scores=tuple(section.novelty_scores), knn_bank=section.knn_bank, knn_k=section.knn_k)
 
 
 def plan_steps(base: Sequence[int], order: Sequence[int] | None, *, classes: Sequence[str],
@@ -113,13 +134,19 @@ def plan_steps(base: Sequence[int], order: Sequence[int] | None, *, classes: Seq
     return [list(base)] + [order[i:i + group_size] for i in range(0, len(order), group_size)]
 
 
-def step_metrics(predictions: Tensor, targets: Tensor, seen: Tensor, novelty: Tensor) -> dict[str, Any]:
+def step_metrics(predictions: Tensor, targets: Tensor, seen: Tensor, novelty: Mapping[str, Tensor]) -> dict[str, Any]:
     """Scores of one method after one step over the whole test set: confusion matrix (rows = true
-    class, all classes), per-class and overall accuracy, and the AUROC of `novelty` for flagging
-    test images of classes not learned yet (`seen`: (K,) bool over dataset classes)."""
+    class, all classes), per-class and overall accuracy, and for each novelty score of `novelty`
+    ({name: (N,)}, the method's default score first) the AUROC and FPR at 95% TPR of flagging test
+    images of classes not learned yet (`seen`: (K,) bool over dataset classes); `novelty_auroc` is the
+    default score's."""
     cm = confusion_matrix(predictions, targets, len(seen))
+    unseen = ~seen[targets]
+    scored = {name: {"auroc": auroc(scores, unseen), "fpr95": fpr95(scores, unseen)}
+              for name, scores in novelty.items()}
+    default = next(iter(scored))
     return {"confusion_matrix": cm, "per_class_accuracy": per_class_accuracy(cm), "accuracy": accuracy(cm),
-            "novelty_auroc": auroc(novelty, ~seen[targets])}
+            "novelty_score": default, "novelty_auroc": scored[default]["auroc"], "novelty": scored}
 
 
 def summarize_method(steps: Sequence[dict[str, Any] | None], seen: Tensor) -> dict[str, Any]:
@@ -137,7 +164,12 @@ def summarize_method(steps: Sequence[dict[str, Any] | None], seen: Tensor) -> di
         "final_accuracy": steps[-1]["accuracy"] if steps[-1] is not None else None,
         "accuracy_per_step": per_step([steps[i]["accuracy"] for i in measured]),
         "seen_accuracy_per_step": per_step(seen_acc),
+        "novelty_score": steps[measured[0]]["novelty_score"],  # the score of the two lists below
         "novelty_auroc_per_step": per_step([steps[i]["novelty_auroc"] for i in measured]),
+        "novelty_fpr95_per_step": per_step([steps[i]["novelty"][steps[i]["novelty_score"]]["fpr95"] for i in measured]),
+        "novelty": {score: {f"{metric}_per_step": per_step([steps[i]["novelty"][score][metric] for i in measured])
+                            for metric in ("auroc", "fpr95")}
+                    for score in steps[measured[0]]["novelty"]},
         "average_incremental_accuracy": average_incremental_accuracy(acc, seen[measured]) if every_step else None,
         "forgetting": _finite(forgetting(acc, seen[measured])) if every_step else None,
         "per_class_accuracy": [[_finite(v) for v in row] for row in acc.tolist()],
@@ -167,7 +199,7 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
     model, preprocess, base_names, config = loaded.model, loaded.preprocess, loaded.classes, loaded.config
     dataset = load_dataset(options.data or config.data.path, name=config.data.dataset,
                            download=config.data.download, progress=options.progress,
-                           image_size=config.data.image_size)
+                           image_size=config.data.image_size, labels=config.data.labels)
     base = _base_classes(config, dataset, base_names, checkpoint)
     steps = plan_steps(base, options.order, classes=dataset.classes, group_size=options.group_size)
     out = Path(options.out) if options.out else checkpoint.parent / "continual"
@@ -187,7 +219,10 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
     head_logits = logits_of(model, dataset.test.images)
     baselines = ["linear-head"] + (["finetune"] if options.finetune_epochs else [])
     log: dict[str, list[dict[str, Any] | None]] = {name: [] for name in (*options.methods, *baselines)}
-    state = ContinualState.empty(backbone, test_features.shape[1])
+    state = ContinualState.empty(backbone, test_features.shape[1], feature_transform=options.feature_transform,
+                                 bank_size=options.knn_bank)
+    scores = tuple(dict.fromkeys((GAUSSIAN_DEFAULT, *options.novelty_scores)))  # Gaussian methods' default first
+    head_names = tuple(dict.fromkeys((HEAD_DEFAULT, *options.novelty_scores)))
     tuned, learned, timings = model, [], []
     seen = torch.zeros(len(steps), num_classes, dtype=torch.bool)
     for step, group in enumerate(steps):
@@ -201,11 +236,12 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
         learned += group
         seen[step, learned] = True
         ids = torch.tensor(learned)  # classifier output index -> dataset class
+        shared = bank_scores(state.stats, test_features, scores, k=options.knn_k)  # the same for every method
         for name in options.methods:
             clf = fit(name, state.stats, options.method_options)
             log[name].append(step_metrics(ids[clf.predict(test_features)], targets, seen[step],
-                                          clf.novelty(test_features)))
-        log["linear-head"].append(_head_metrics(head_logits, ids[:len(base)], targets, seen[step]))
+                                          {**classifier_scores(clf, test_features, scores), **shared}))
+        log["linear-head"].append(_head_metrics(head_logits, ids[:len(base)], targets, seen[step], head_names))
         if options.finetune_epochs:
             if step > 0:
                 # The widened head's new rows are drawn from torch's generator: seeded per step, so the baseline
@@ -213,14 +249,15 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
                 torch.manual_seed(engine.epoch_seed(config.train.seed, step))
                 tuned = _finetune(tuned, dataset, group, learned, config=config, preprocess=preprocess,
                                   epochs=options.finetune_epochs)
-            log["finetune"].append(_head_metrics(logits_of(tuned, dataset.test.images), ids, targets, seen[step]))
+            log["finetune"].append(_head_metrics(logits_of(tuned, dataset.test.images), ids, targets, seen[step],
+                                                 head_names))
         say(f"step {step}: +{[dataset.classes[c] for c in group]} -> "
             + ", ".join(f"{name} {log[name][-1]['accuracy']:.1%}" for name in log))
     if options.joint:
         joint = _train_joint(config, learned, names=[dataset.classes[c] for c in learned], data=options.data,
                              out=out / "joint", device=device)
         joint_logits = logits_of(joint.model, dataset.test.images, preprocess=joint.preprocess)
-        log["joint"] = [None] * (len(steps) - 1) + [_head_metrics(joint_logits, ids, targets, seen[-1])]
+        log["joint"] = [None] * (len(steps) - 1) + [_head_metrics(joint_logits, ids, targets, seen[-1], head_names)]
 
     state_path = save_state(out / "state.pt", state)
     summary = {
@@ -233,6 +270,10 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
         "steps": [[dataset.classes[c] for c in group] for group in steps],
         "classes_learned_per_step": [int(row.sum()) for row in seen],
         "method_options": asdict(options.method_options),
+        "feature_transform": options.feature_transform,
+        "novelty_scores": list(options.novelty_scores),
+        "knn_bank": options.knn_bank,
+        "knn_k": options.knn_k,
         "feature_dim": test_features.shape[1],
         "seconds_to_add_class": timings,
         "state": str(state_path),
@@ -244,16 +285,28 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    """One row per method (percentages): final accuracy on all classes, average incremental
-    accuracy, forgetting, and the novelty AUROC after the base step."""
+    """Two tables (percentages). One row per method: final accuracy on all classes, average incremental
+    accuracy, forgetting, and the default novelty score's AUROC after the base step. Then one row per method
+    and novelty score: AUROC and FPR at 95% TPR after the base step and their means over the steps that leave
+    a class unseen."""
     def pct(value: float | None) -> float | None:
         return None if value is None else 100 * value
+
+    def mean(values: Sequence[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return sum(known) / len(known) if known else None
 
     rows = [{"method": name, "final acc %": pct(r["final_accuracy"]),
              "avg incremental acc %": pct(r["average_incremental_accuracy"]), "forgetting %": pct(r["forgetting"]),
              "novelty AUROC % (base)": pct(r["novelty_auroc_per_step"][0])}
             for name, r in summary["methods"].items()]
-    return format_table(rows, list(rows[0]))
+    novelty = [{"method": name, "novelty score": score, "AUROC % (base)": pct(s["auroc_per_step"][0]),
+                "FPR95 % (base)": pct(s["fpr95_per_step"][0]), "mean AUROC %": pct(mean(s["auroc_per_step"])),
+                "mean FPR95 %": pct(mean(s["fpr95_per_step"]))}
+               for name, r in summary["methods"].items() for score, s in r.get("novelty", {}).items()
+               if any(v is not None for v in s["auroc_per_step"])]
+    table = format_table(rows, list(rows[0]))
+    return table + ("\n\n" + format_table(novelty, list(novelty[0])) if novelty else "")
 
 
 def _write_outputs(out: Path, summary: dict[str, Any]) -> None:
@@ -262,6 +315,8 @@ def _write_outputs(out: Path, summary: dict[str, Any]) -> None:
              f"then {len(summary['steps']) - 1} increments")
     plot_accuracy_per_step(summary["methods"], summary["classes_learned_per_step"], out / "accuracy_per_step.png",
                            title=title)
+    plot_novelty_per_step(summary["methods"], summary["classes_learned_per_step"], out / "novelty_per_step.png",
+                          title=f"{title}; features: {summary['feature_transform']}")
     for name, result in summary["methods"].items():
         plot_confusion(torch.tensor(result["confusion_matrices"][-1]), summary["classes"], out / f"confusion_{name}.png")
 
@@ -294,10 +349,10 @@ def _logits(model: nn.Module, images: Tensor, *, preprocess: Preprocessor, batch
     return head(features.to(head.weight.device)).float().cpu()
 
 
-def _head_metrics(logits: Tensor, ids: Tensor, targets: Tensor, seen: Tensor) -> dict[str, Any]:
-    """Metrics of a softmax head whose output j is dataset class ids[j]; its novelty score is
-    the negative max softmax probability (Hendrycks & Gimpel, ICLR 2017)."""
-    return step_metrics(ids[logits.argmax(1)], targets, seen, -logits.softmax(1).max(1).values)
+def _head_metrics(logits: Tensor, ids: Tensor, targets: Tensor, seen: Tensor, scores: Sequence[str]) -> dict[str, Any]:
+    """Metrics of a softmax head whose output j is dataset class ids[j], with the head novelty scores among
+    `scores` (continual.novelty: msp, energy), the first one its default."""
+    return step_metrics(ids[logits.argmax(1)], targets, seen, head_scores(logits, scores))
 
 
 def _widen_head(model: nn.Module, outputs: int) -> nn.Module:

@@ -1,8 +1,10 @@
-"""The classifier state on disk: learned statistics + class names + the backbone's identity.
+"""The classifier state on disk: learned statistics + class names + the backbone's identity + the feature
+transform the statistics are of (and their feature bank, when one is kept).
 
 Format: a dict of plain values and tensors written atomically with torch.save and read with
 `torch.load(weights_only=True)`, so loading a state never runs code. Operations return a new
 state and save it only once everything succeeded, so bad input leaves the file as it was.
+A state written before transforms and banks existed loads with transform "none" and no bank.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import Tensor
 from cifarlab.continual.features import (FEATURE_BATCH_SIZE, Backbone, check_same_backbone, describe_backbone,
                                          extract_features)
 from cifarlab.continual.stats import ClassStats, FeatureStats, StreamStats
+from cifarlab.continual.transforms import TRANSFORMS
 from cifarlab.data.sources import read_images
 from cifarlab.errors import CheckpointError, ConfigError, DataError
 from cifarlab.io import load_tensors, save_tensors
@@ -32,12 +35,19 @@ class ContinualState:
     stats: FeatureStats
 
     @classmethod
-    def empty(cls, backbone: Backbone, dim: int) -> ContinualState:
-        return cls(backbone, FeatureStats.empty(dim))
+    def empty(cls, backbone: Backbone, dim: int, *, feature_transform: str = "none",
+              bank_size: int = 0) -> ContinualState:
+        """A state that knows no class yet; every feature it learns goes through `feature_transform` first, and it
+        keeps up to `bank_size` of each class's features (0: none) for the kNN novelty score."""
+        return cls(backbone, FeatureStats.empty(dim, transform=feature_transform, bank_size=bank_size))
 
     @property
     def classes(self) -> tuple[str, ...]:
         return self.stats.classes
+
+    @property
+    def feature_transform(self) -> str:
+        return self.stats.transform
 
     def add_class(self, name: str, batches: Iterable[Tensor], *, backbone: Backbone) -> ContinualState:
         """A new state that also knows class `name`, from features made by `backbone`."""
@@ -59,6 +69,10 @@ def state_to_dict(state: ContinualState) -> dict[str, Any]:
                      else torch.zeros(0, dim, dim, dtype=torch.float64)),
         "stream_updates": stats.stream.updates,
         "stream_scatter": stats.stream.scatter,
+        "feature_transform": stats.transform,
+        "bank_size": stats.bank_size,
+        "bank_counts": torch.tensor([len(b) for b in stats.bank], dtype=torch.int64),
+        "bank": torch.cat(stats.bank) if stats.bank else torch.zeros(0, dim, dtype=torch.float32),
     }
 
 
@@ -75,14 +89,28 @@ def state_from_dict(payload: Any, *, source: str = "state") -> ContinualState:
                      and stream_scatter.shape == (dim, dim) and all(isinstance(c, str) for c in classes)
                      and len(set(classes)) == n and bool((counts > 0).all()))
         updates = int(payload["stream_updates"])
-    except (KeyError, TypeError, AttributeError, IndexError) as error:
+        transform = payload.get("feature_transform", "none")
+        bank_size = int(payload.get("bank_size", 0))
+        bank_counts = payload.get("bank_counts", torch.zeros(0, dtype=torch.int64))
+        bank = payload.get("bank", torch.zeros(0, dim, dtype=torch.float32))
+        bank_ok = (bank_size >= 0 and bank.dim() == 2 and bank.shape[1] == dim
+                   and bank_counts.shape == ((n,) if bank_size else (0,)) and bool((bank_counts >= 0).all())
+                   and bool((bank_counts <= bank_size).all()) and int(bank_counts.sum()) == bank.shape[0])
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as error:
         raise CheckpointError(f"{source} is a damaged continual state: {error!r}") from None
     if not shapes_ok:
         raise CheckpointError(f"{source} is a damaged continual state: inconsistent classes/statistics shapes")
+    if transform not in TRANSFORMS:
+        raise CheckpointError(f"{source} records an unknown feature transform {transform!r}; "
+                              f"valid: {', '.join(TRANSFORMS)}")
+    if not bank_ok:
+        raise CheckpointError(f"{source} is a damaged continual state: inconsistent feature bank shapes")
     per_class = tuple(ClassStats(count=int(c), sum=s.double(), scatter=m.double())
                       for c, s, m in zip(counts, sums, scatters))
     stats = FeatureStats(classes=tuple(classes), per_class=per_class,
-                         stream=StreamStats(updates=updates, scatter=stream_scatter.double()))
+                         stream=StreamStats(updates=updates, scatter=stream_scatter.double()),
+                         transform=transform, bank_size=bank_size,
+                         bank=tuple(bank.float().split(bank_counts.tolist())) if bank_size else ())
     return ContinualState(backbone, stats)
 
 

@@ -7,16 +7,23 @@ features do), so digits cancel. The centred scatter never forms that difference,
 the same one matmul per batch, and two summaries merge exactly (in exact arithmetic):
   M2 = M2_a + M2_b + (n_a n_b / n) delta delta^T,  delta = mean_b - mean_a.
 Merging is commutative and associative, so the result does not depend on the order in
-which batches or classes arrive (up to float64 rounding, ~1e-13 relative).
+which batches or classes arrive (up to float64 rounding, ~1e-13 relative). The same merge of
+all classes' statistics gives the background Gaussian of every seen feature (`background`).
+
+`FeatureStats` also holds what the statistics are of: the feature transform every feature
+goes through before it is counted (cifarlab.continual.transforms), and optionally a bank of
+up to `bank_size` transformed features per class for the kNN novelty score.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
+from cifarlab.continual.transforms import apply_transform, check_transform
 from cifarlab.errors import ConfigError, DataError
 
 
@@ -126,36 +133,64 @@ def stream_update(stream: StreamStats, before: ClassStats | None, features: Tens
     return StreamStats(updates=t, scatter=scatter)
 
 
+def bank_rows(features: Tensor, size: int) -> Tensor:
+    """At most `size` rows of one class's features (N, D), evenly spaced over the N, as float32: a choice that
+    depends on N only, not on how the rows were batched, so `continual add` keeps what the protocol keeps."""
+    n = features.shape[0]
+    keep = features if n <= size else features[torch.arange(size) * n // size]
+    return keep.to(torch.float32)
+
+
 @dataclass(frozen=True)
 class FeatureStats:
     """Everything the continual classifiers learn: per-class statistics in the order classes
-    were learned, plus SLDA's streaming covariance. Immutable: `add_class` returns a new one."""
+    were learned, plus SLDA's streaming covariance, all of features after `transform`; and, when
+    `bank_size` > 0, a bank of up to that many transformed features per class (float32, for the
+    kNN novelty score). Immutable: `add_class` returns a new one."""
 
     classes: tuple[str, ...]
     per_class: tuple[ClassStats, ...]
     stream: StreamStats
+    transform: str = "none"
+    bank_size: int = 0
+    bank: tuple[Tensor, ...] = ()  # one (n_c, D) float32 tensor per class when bank_size > 0, else empty
 
     @classmethod
-    def empty(cls, dim: int) -> FeatureStats:
-        return cls(classes=(), per_class=(), stream=empty_stream(dim))
+    def empty(cls, dim: int, *, transform: str = "none", bank_size: int = 0) -> FeatureStats:
+        if bank_size < 0:
+            raise ConfigError(f"bank_size must be >= 0 (0: keep no feature bank), got {bank_size}")
+        return cls(classes=(), per_class=(), stream=empty_stream(dim), transform=check_transform(transform),
+                   bank_size=bank_size)
 
     @property
     def dim(self) -> int:
         return self.stream.scatter.shape[0]
 
+    def background(self) -> ClassStats:
+        """Statistics of all learned features regardless of class: the merge of the class statistics (exact,
+        as above), so it needs no storage of its own and adding a class costs one more O(D^2) merge."""
+        if not self.per_class:
+            raise ConfigError("no class learned yet: the background statistics need at least one class")
+        return reduce(merge, self.per_class)
+
     def add_class(self, name: str, batches: Iterable[Tensor]) -> FeatureStats:
-        """Learn a new class from its features, given as batches (N_i, D) in one pass."""
+        """Learn a new class from its (untransformed) features, given as batches (N_i, D) in one pass."""
         if name in self.classes:
             raise ConfigError(f"class {name!r} is already learned (learned: {', '.join(self.classes)}); "
                               f"an increment must bring a new class")
-        stats, stream = None, self.stream
+        stats, stream, kept = None, self.stream, []
         for i, batch in enumerate(batches):
             x = check_features(batch, what=f"features of class {name!r} (batch {i})")
             if x.shape[1] != self.dim:
                 raise DataError(f"features of class {name!r} have dimension {x.shape[1]}, the statistics "
                                 f"have {self.dim} (features from another backbone or layer?)")
+            x = apply_transform(self.transform, x)
             stream = stream_update(stream, stats, x)
             stats = batch_stats(x) if stats is None else merge(stats, batch_stats(x))
+            if self.bank_size:
+                kept.append(x.to(torch.float32))
         if stats is None:
             raise DataError(f"class {name!r} has no examples (empty class)")
-        return FeatureStats(classes=self.classes + (name,), per_class=self.per_class + (stats,), stream=stream)
+        bank = self.bank + (bank_rows(torch.cat(kept), self.bank_size),) if self.bank_size else ()
+        return FeatureStats(classes=self.classes + (name,), per_class=self.per_class + (stats,), stream=stream,
+                            transform=self.transform, bank_size=self.bank_size, bank=bank)

@@ -124,7 +124,7 @@ def prepare_data(
 ) -> TrainData:
     """Load, subset, split and place the data on `device`; fit preprocessing on the training images only."""
     dataset = load_dataset(config.path, name=config.dataset, download=config.download, progress=progress,
-                           image_size=config.image_size)
+                           image_size=config.image_size, labels=config.labels)
     train, test, classes = select_classes(dataset, config.classes)
     if config.train_subset is not None:
         train = train.subset(stratified_indices(train.labels, config.train_subset, seed=seed))

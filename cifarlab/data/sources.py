@@ -3,14 +3,16 @@
 Layouts recognised at `path` itself or in one of its subfolders:
 
     cifar-10-batches-py/   data_batch_1..5, test_batch, batches.meta            (official python version)
-    cifar-100-python/      train, test, meta                                    (official; fine labels)
+    cifar-100-python/      train, test, meta                                    (official; fine or coarse labels)
     cifar-10-batches-bin/  data_batch_1..5.bin, test_batch.bin, batches.meta.txt (official binary version)
     *.tar.gz               an archive holding one of the above (e.g. cifar-10-python.tar.gz)
     image folder           train/<class>/*, test/<class>/* (any image Pillow reads; of one size, or see image_size)
 
 Decoded arrays are cached in `<cache_dir>/decoded/<hash of the source path and image size>.npz` together with a
 fingerprint of the source files (paths, sizes, mtimes); a changed source is decoded again. The cache
-never goes beside the source, so read-only or shared dataset folders stay untouched.
+never goes beside the source, so read-only or shared dataset folders stay untouched. CIFAR-100's cache holds both
+label sets (fine and coarse, see LABEL_SETS), and a load picks one: switching between them never decodes again
+and never returns the other set's labels.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from tqdm import tqdm
 
 from cifarlab.data.download import ARCHIVES, default_cache_dir, download_dataset, extract_archive
 from cifarlab.data.unpickle import load_pickle
-from cifarlab.config import check_input_size
+from cifarlab.config import LABEL_SETS, check_input_size
 from cifarlab.errors import ConfigError, DataError
 from cifarlab.io import atomic_write
 
@@ -84,6 +86,7 @@ class Dataset:
 def load_dataset(
     path: str | Path | None = None, *, name: str = "cifar10", cache_dir: str | Path | None = None,
     download: bool = True, progress: bool = True, download_url: str | None = None, image_size: int | None = None,
+    labels: str = "fine",
 ) -> Dataset:
     """Load dataset `name` from `path` (else `$CIFARLAB_DATA`, else the cache dir).
 
@@ -93,10 +96,13 @@ def load_dataset(
     (a mirror of the official file: its MD5 is still checked). A wrong explicit path is an error,
     never a download. `cache_dir` defaults to `default_cache_dir()`. `image_size` N: an image folder's images
     are resized as they are decoded (shorter side to N, then the centre N x N, as torchvision's Resize(N) +
-    CenterCrop(N)); None: they must all have one size.
+    CenterCrop(N)); None: they must all have one size. `labels`: "fine" (every layout's labels; CIFAR-100's 100
+    classes) or "coarse" (CIFAR-100's 20 superclasses, official python version only).
     """
     if name not in NAMES:
         raise ConfigError(f"unknown dataset {name!r}; choose from {', '.join(NAMES)}")
+    if labels not in LABEL_SETS:
+        raise ConfigError(f"unknown label set {labels!r}; choose from {', '.join(LABEL_SETS)}")
     check_input_size("data.image_size", image_size)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     location = path if path is not None else os.environ.get("CIFARLAB_DATA") or None
@@ -112,7 +118,7 @@ def load_dataset(
                 raise DataError(_not_found(cache_dir, name, "pass path=..., set $CIFARLAB_DATA, or allow download=True"))
             folder = download_dataset(name, cache_dir=cache_dir, url=download_url, progress=progress)
             source = (layout_of(folder, any_archive=False), folder)
-    return _load(*source, name=name, cache_dir=cache_dir, progress=progress, image_size=image_size)
+    return _load(*source, name=name, cache_dir=cache_dir, progress=progress, image_size=image_size, labels=labels)
 
 
 # --- finding a source ---------------------------------------------------------------------------
@@ -125,63 +131,76 @@ class _Format:
     train: tuple[str, ...]
     test: tuple[str, ...]
     meta: str
-    read_classes: Callable[[Path], list[str]]
-    read_batch: Callable[[Path, int], tuple[np.ndarray, np.ndarray]]  # (path, num_classes) -> images, labels
+    label_sets: tuple[str, ...]  # of LABEL_SETS; "fine" is the layout's only set, or CIFAR-100's 100 classes
+    read_classes: Callable[[Path], dict[str, list[str]]]  # meta file -> {label set: class names}
+    # (path, {label set: num_classes}) -> images, {label set: labels}
+    read_batch: Callable[[Path, dict[str, int]], tuple[np.ndarray, dict[str, np.ndarray]]]
 
 
-def _pickle_classes(path: Path, *, key: bytes) -> list[str]:
+def _pickle_classes(path: Path, *, keys: dict[str, bytes]) -> dict[str, list[str]]:
     meta = load_pickle(path)
-    names = meta.get(key) if isinstance(meta, dict) else None
-    if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
-        raise DataError(f"{path}: expected a dict with {key!r}: a list of class names")
-    return [n.decode() if isinstance(n, bytes) else n for n in names]
+    classes = {}
+    for label_set, key in keys.items():
+        names = meta.get(key) if isinstance(meta, dict) else None
+        if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
+            raise DataError(f"{path}: expected a dict with {key!r}: a list of class names")
+        classes[label_set] = [n.decode() if isinstance(n, bytes) else n for n in names]
+    return classes
 
 
-def _pickle_batch(path: Path, num_classes: int, *, key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _pickle_batch(path: Path, num_classes: dict[str, int], *,
+                  keys: dict[str, bytes]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     batch = load_pickle(path)
-    if not isinstance(batch, dict) or b"data" not in batch or key not in batch:
-        raise DataError(f"{path}: expected a dict with b'data' and {key!r}")
+    expected = (b"data", *keys.values())
+    if not isinstance(batch, dict) or any(key not in batch for key in expected):
+        raise DataError(f"{path}: expected a dict with {', '.join(map(repr, expected))}")
     data = batch[b"data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: b'data' must be a uint8 array of shape (N, 3072), got {got}")
     images = data.reshape(-1, 3, 32, 32)  # rows are 1024 red, 1024 green, 1024 blue values, row-major
-    return images, _check_labels(np.asarray(batch[key]), len(images), num_classes, path)
+    return images, {label_set: _check_labels(np.asarray(batch[key]), len(images), num_classes[label_set], path,
+                                             what=repr(key))
+                    for label_set, key in keys.items()}
 
 
-def _text_classes(path: Path) -> list[str]:
+def _text_classes(path: Path) -> dict[str, list[str]]:
     names = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     if not names:
         raise DataError(f"{path}: expected one class name per line, found none")
-    return names
+    return {"fine": names}
 
 
-def _binary_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _binary_batch(path: Path, num_classes: dict[str, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % 3073:
         raise DataError(f"{path}: {raw.size} bytes is not a whole number of 3073-byte records "
                         "(1 label byte + 3072 pixel bytes); the file is truncated or not CIFAR-10 binary")
     records = raw.reshape(-1, 3073)
     images = np.ascontiguousarray(records[:, 1:]).reshape(-1, 3, 32, 32)
-    return images, _check_labels(records[:, 0], len(images), num_classes, path)
+    return images, {"fine": _check_labels(records[:, 0], len(images), num_classes["fine"], path, what="labels")}
 
 
-def _check_labels(labels: np.ndarray, n: int, num_classes: int, path: Path) -> np.ndarray:
+def _check_labels(labels: np.ndarray, n: int, num_classes: int, path: Path, *, what: str) -> np.ndarray:
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: expected {n} integer labels, got {labels.dtype} {labels.shape}")
+        raise DataError(f"{path}: expected {n} integer labels in {what}, got {labels.dtype} {labels.shape}")
     if n and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{path}: labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
+        raise DataError(f"{path}: {what} must lie in [0, {num_classes}) (the meta file names {num_classes} classes), "
+                        f"found {labels.min()}..{labels.max()}")
     return labels.astype(np.int64)
 
 
 _TRAIN10 = tuple(f"data_batch_{i}" for i in range(1, 6))
 _FORMATS: dict[str, _Format] = {
-    "cifar10-python": _Format("cifar10", _TRAIN10, ("test_batch",), "batches.meta",
-                              partial(_pickle_classes, key=b"label_names"), partial(_pickle_batch, key=b"labels")),
-    "cifar100-python": _Format("cifar100", ("train",), ("test",), "meta",
-                               partial(_pickle_classes, key=b"fine_label_names"), partial(_pickle_batch, key=b"fine_labels")),
+    "cifar10-python": _Format("cifar10", _TRAIN10, ("test_batch",), "batches.meta", ("fine",),
+                              partial(_pickle_classes, keys={"fine": b"label_names"}),
+                              partial(_pickle_batch, keys={"fine": b"labels"})),
+    "cifar100-python": _Format("cifar100", ("train",), ("test",), "meta", ("fine", "coarse"),
+                               partial(_pickle_classes, keys={"fine": b"fine_label_names",
+                                                              "coarse": b"coarse_label_names"}),
+                               partial(_pickle_batch, keys={"fine": b"fine_labels", "coarse": b"coarse_labels"})),
     "cifar10-binary": _Format("cifar10", tuple(f + ".bin" for f in _TRAIN10), ("test_batch.bin",), "batches.meta.txt",
-                              _text_classes, _binary_batch),
+                              ("fine",), _text_classes, _binary_batch),
 }
 # Official archive file name -> the dataset it holds.
 _OFFICIAL_ARCHIVES = {Path(ARCHIVES[key].url).name: dataset
@@ -245,26 +264,52 @@ def _not_found(place: Path, name: str, hint: str) -> str:
 
 # --- decoding with a cache ----------------------------------------------------------------------
 
-def _load(layout: str, path: Path, *, name: str, cache_dir: Path, progress: bool, image_size: int | None) -> Dataset:
+def _load(layout: str, path: Path, *, name: str, cache_dir: Path, progress: bool, image_size: int | None,
+          labels: str) -> Dataset:
     path = path.resolve()
+    _check_label_set(labels, name=name, layout=layout, path=path)  # before decoding, which may take minutes
     key = str(path) if image_size is None else f"{path}\0{image_size}"  # each size is its own decoded copy
     cache = cache_dir / "decoded" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
     fingerprint = _fingerprint(path)
     arrays = _read_cache(cache, fingerprint)
-    if arrays is None:
+    # A cache written before a layout's every label set was kept (CIFAR-100's coarse labels) is decoded again.
+    if arrays is None or not all(_array_names(s)[0] in arrays for s in _label_sets(str(arrays["layout"])) or ()):
         arrays = _decode(layout, path, name=name, cache_dir=cache_dir, progress=progress, image_size=image_size)
         _write_cache(cache, arrays, fingerprint)
     layout = str(arrays["layout"])  # an archive's content layout
     held = dataset_of(layout, path)
     if held not in (name, None):
-        raise DataError(f"{path} holds {held} ({layout}), not {name}; pass name={held!r}")
+        raise DataError(f"{path} holds {held} ({layout}), not {name}; pass name={held!r} (--dataset {held})")
+    _check_label_set(labels, name=name, layout=layout, path=path)
+    classes, train_labels, test_labels = _array_names(labels)
     return Dataset(
         name=name,
-        classes=tuple(str(c) for c in arrays["classes"]),
-        train=Split(torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"])),
-        test=Split(torch.from_numpy(arrays["test_images"]), torch.from_numpy(arrays["test_labels"])),
+        classes=tuple(str(c) for c in arrays[classes]),
+        train=Split(torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays[train_labels])),
+        test=Split(torch.from_numpy(arrays["test_images"]), torch.from_numpy(arrays[test_labels])),
         source=f"{layout}:{path}",
     )
+
+
+def _label_sets(layout: str) -> tuple[str, ...] | None:
+    """The label sets a layout holds; None for an archive, whose content is known once it is extracted."""
+    if layout in _FORMATS:
+        return _FORMATS[layout].label_sets
+    return ("fine",) if layout == "image-folder" else None
+
+
+def _check_label_set(labels: str, *, name: str, layout: str, path: Path) -> None:
+    held = _label_sets(layout)
+    if held is not None and labels not in held:
+        raise ConfigError(f"{name} at {path} ({layout}) has no {labels} labels, only {', '.join(held)}; "
+                          f"data.labels {labels!r} (--labels {labels}) needs the official CIFAR-100 python version "
+                          f"(cifar-100-python/ or {Path(ARCHIVES['cifar100'].url).name})")
+
+
+def _array_names(label_set: str) -> tuple[str, str, str]:
+    """Names of a label set's decoded arrays: class names, train labels, test labels."""
+    prefix = "" if label_set == "fine" else f"{label_set}_"
+    return f"{prefix}classes", f"train_{prefix}labels", f"test_{prefix}labels"
 
 
 def _fingerprint(path: Path) -> str:
@@ -309,12 +354,14 @@ def _write_cache(cache: Path, arrays: dict[str, np.ndarray], fingerprint: str) -
 
 def _decode(layout: str, path: Path, *, name: str, cache_dir: Path, progress: bool,
             image_size: int | None) -> dict[str, np.ndarray]:
-    """Arrays train_images/labels, test_images/labels, classes, layout (images (N, 3, H, W) uint8)."""
+    """Arrays train_images/labels, test_images/labels, classes, layout (images (N, 3, H, W) uint8), and for each
+    further label set (CIFAR-100's coarse) its classes and labels (names from _array_names)."""
     if layout == "archive":
         return _decode_archive(path, name=name, cache_dir=cache_dir, progress=progress, image_size=image_size)
     if layout == "image-folder":
-        classes, (train_x, train_y), (test_x, test_y) = _decode_image_folder(path, progress=progress,
-                                                                             image_size=image_size)
+        names, (train_x, train_y), (test_x, test_y) = _decode_image_folder(path, progress=progress,
+                                                                           image_size=image_size)
+        classes, train_y, test_y = {"fine": names}, {"fine": train_y}, {"fine": test_y}
     elif image_size is not None:
         raise ConfigError(f"--image-size (data.image_size) resizes the images of an image folder; {path} is "
                           f"{layout}, all 32x32: use --input-size {image_size} to resize the network input instead")
@@ -325,14 +372,19 @@ def _decode(layout: str, path: Path, *, name: str, cache_dir: Path, progress: bo
             raise DataError(f"{path} ({layout}) lacks {', '.join(missing)}; "
                             f"expected {', '.join((*fmt.train, *fmt.test, fmt.meta))}")
         classes = fmt.read_classes(path / fmt.meta)
-        train_x, train_y = _concat([fmt.read_batch(path / f, len(classes)) for f in fmt.train])
-        test_x, test_y = _concat([fmt.read_batch(path / f, len(classes)) for f in fmt.test])
-    return {"train_images": train_x, "train_labels": train_y, "test_images": test_x, "test_labels": test_y,
-            "classes": np.array(classes), "layout": np.array(layout)}
+        num_classes = {label_set: len(names) for label_set, names in classes.items()}
+        train_x, train_y = _concat([fmt.read_batch(path / f, num_classes) for f in fmt.train])
+        test_x, test_y = _concat([fmt.read_batch(path / f, num_classes) for f in fmt.test])
+    arrays = {"train_images": train_x, "test_images": test_x, "layout": np.array(layout)}
+    for label_set, names in classes.items():
+        classes_name, train_name, test_name = _array_names(label_set)
+        arrays |= {classes_name: np.array(names), train_name: train_y[label_set], test_name: test_y[label_set]}
+    return arrays
 
 
-def _concat(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
+def _concat(batches: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    return (np.concatenate([x for x, _ in batches]),
+            {label_set: np.concatenate([y[label_set] for _, y in batches]) for label_set in batches[0][1]})
 
 
 def _decode_archive(archive: Path, *, name: str, cache_dir: Path, progress: bool,
@@ -344,8 +396,14 @@ def _decode_archive(archive: Path, *, name: str, cache_dir: Path, progress: bool
         extract_archive(archive, tmp)
         inner = _find(tmp, name, any_archive=False)
         if inner is None or inner[0] == "archive":
+            held = [other for other in NAMES if other != name and _find(tmp, other, any_archive=False)]
+            if held:
+                raise DataError(f"{archive} holds {held[0]}, not {name}; pass name={held[0]!r} (--dataset {held[0]})")
             raise DataError(f"{archive} holds no dataset; accepted layouts: {_LAYOUT_HELP}")
         return _decode(*inner, name=name, cache_dir=cache_dir, progress=progress, image_size=image_size)
+    except (DataError, ConfigError) as e:
+        # Name the file inside the archive, not the temporary folder it was extracted to (deleted below).
+        raise type(e)(str(e).replace(str(tmp), str(archive))) from e.__cause__
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -22,6 +22,9 @@ Row = Mapping[str, float | None]
 SPLITS = ("train", "val", "test")
 MAX_MARKED_POINTS = 30  # above this, markers clutter the line; below, they show lone points (e.g. one test eval)
 MAX_ANNOTATED_CLASSES = 20  # cell numbers are unreadable beyond this (e.g. CIFAR-100); colours still are
+# Largest confusion-plot side in inches: at 0.55 inch a class, CIFAR-100's would be a 6,000-pixel image taking
+# 10 s to draw; beyond MAX_ANNOTATED_CLASSES the cells shrink and so do the tick labels.
+MAX_CONFUSION_SIDE = 14.0
 
 
 def plot_curves(rows: Sequence[Row], path: str | Path, *, title: str | None = None) -> Path:
@@ -53,13 +56,18 @@ def plot_confusion(cm: Tensor, classes: Sequence[str], path: str | Path, *, norm
     values = cm.double()
     if normalize:
         values = 100 * values / values.sum(dim=1, keepdim=True).clamp_min(1)
-    side = max(4.0, 0.55 * n + 2)
+    side = min(max(4.0, 0.55 * n + 2), MAX_CONFUSION_SIDE)
     fig = Figure(figsize=(side + 1, side), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(values.numpy(), cmap="Blues", vmin=0, vmax=100 if normalize else None)
     fig.colorbar(image, ax=ax, shrink=0.8, label="% of true class" if normalize else "count")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
+    if n <= MAX_ANNOTATED_CLASSES:
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
+    else:
+        size = max(4.0, 0.6 * 72 * (side - 3) / n)  # points: about 0.6 of a cell
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=size)
+        ax.set_yticks(range(n), classes, fontsize=size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix (row %)" if normalize else "Confusion matrix (counts)")

@@ -15,7 +15,7 @@ from cifarlab.report.plots import plot_image_grid
 def show_augmented(config: RunConfig, *, count: int = 32, out: Path = Path("samples.png")) -> Path:
     """Augment `count` training images (stratified) exactly as training would and save them as a grid."""
     dataset = load_dataset(config.data.path, name=config.data.dataset, download=config.data.download,
-                           image_size=config.data.image_size)
+                           image_size=config.data.image_size, labels=config.data.labels)
     train, _, classes = select_classes(dataset, config.data.classes)
     picked = train.subset(stratified_indices(train.labels, min(count, len(train.labels)), seed=config.train.seed))
     generator = torch.Generator().manual_seed(config.train.seed)

@@ -2,8 +2,10 @@
 
     cifarlab bench --recipe fast-cpu --seeds 3 --thresholds 0.85,0.90 --csv bench.csv --data ...
 
-Each seed trains the recipe once (no run folder), evaluating the test set after every epoch. The time to a
-threshold is the wall time of a run that stops at the first epoch whose test accuracy reaches it:
+Each seed trains the recipe once (no run folder), evaluating the test set as config.train.eval_every says
+(`cifarlab bench` sets 1, every epoch, unless --eval-every is given; with k > 1 a threshold is found only at the
+evaluated epochs, an upper bound). The time to a threshold is the wall time of a run that stops at the first
+epoch whose test accuracy reaches it:
 
     building the model and its data-dependent init (e.g. fast's whitening)
     + training time of epochs 1..e (torch.compile, when asked for, happens inside epoch 1)
@@ -34,14 +36,16 @@ from cifarlab.data.loader import BatchLoader
 from cifarlab.errors import ConfigError
 from cifarlab.io import write_csv
 from cifarlab.report.run_report import format_table
-from cifarlab.hardware import resolve_device
+from cifarlab.hardware import machine_name, resolve_device, resolve_precision
 from cifarlab.train.run import build_data, build_run
 
 COLUMNS = (
     "recipe", "model", "model_args", "threshold", "eval_from", "seeds", "reached", "seconds_mean", "seconds_min",
     "seconds_max", "epoch_mean", "final_acc_mean", "final_acc_min", "final_acc_max", "images_per_second", "peak_memory_mb", "device",
     "epsilon", "epochs", "batch_size", "data_source", "torch", "date",
+    "eval_every", "machine", "threads", "timed",
 )  # fmt: skip
+TIMED = "setup+train+eval"  # the `timed` column of time_to_accuracy's rows: what seconds_* count (module docstring)
 
 
 class TimedLoader(BatchLoader):
@@ -78,8 +82,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def train_once(config: RunConfig, *, eval_from: int = 1) -> dict[str, Any]:
-    """One run without a run folder: per-epoch test accuracy (None before `eval_from`) and timings, images/s,
-    peak memory."""
+    """One run without a run folder: per-epoch test accuracy (None where not evaluated: before `eval_from`, or
+    between train.eval_every's epochs) and timings, images/s, images trained on, precision, peak memory."""
     device = resolve_device(config.train.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -90,15 +94,18 @@ def train_once(config: RunConfig, *, eval_from: int = 1) -> dict[str, Any]:
     run.data = replace(run.data, evals={**run.data.evals, "test": test})
     setup_seconds = time.perf_counter() - start
     result = run.fit(eval_from=eval_from)
-    skipped = min(eval_from, config.train.epochs + 1) - 1
+    passes = iter(test.seconds)  # one per evaluated epoch, in order
     return {
         "test_acc": [row["test_acc"] for row in result.history],
         "epoch_seconds": [row["epoch_seconds"] for row in result.history],
-        "eval_seconds": [None] * skipped + test.seconds,
+        "eval_seconds": [None if row["test_acc"] is None else next(passes) for row in result.history],
         "setup_seconds": setup_seconds,
         "images_per_second": result.images_per_second,
+        "train_images": round(sum(row["images_per_second"] * row["epoch_seconds"] for row in result.history)),
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "machine": machine_name(device),
+        "precision": resolve_precision(device, config.train.precision),
         "data_source": data.source,
         "epsilon": run.variant.epsilon() if config.dp.enabled else None,
     }
@@ -155,6 +162,10 @@ def time_to_accuracy(config: RunConfig, *, thresholds: Sequence[float], seeds: S
             "data_source": runs[0]["data_source"],
             "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M"),
+            "eval_every": config.train.eval_every,
+            "machine": runs[0]["machine"],
+            "threads": torch.get_num_threads(),
+            "timed": TIMED,
         })
     return rows
 

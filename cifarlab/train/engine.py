@@ -1,9 +1,11 @@
 """The one training loop every feature uses (plain, DP-SGD, SGLD, SGLD-DP, continual baselines).
 
-`fit` trains `model` on a TrainData for config.train.epochs, evaluating every epoch, writing the run folder
-(metrics.csv, last.pt, best.pt) as it goes. What a batch does to the model is the training variant's business
-(cifarlab.train.variant): DP-SGD clips and noises per-example gradients, SGLD adds Langevin noise; the loop
-only schedules the learning rate, seeds each epoch, evaluates and checkpoints.
+`fit` trains `model` on a TrainData for config.train.epochs, evaluating the validation split (if any) after every
+epoch and the test split after every config.train.eval_every-th epoch and the last, writing the run folder
+(metrics.csv, last.pt, best.pt) as it goes; the rows of epochs not evaluated have empty test cells. What a batch
+does to the model is the training variant's business (cifarlab.train.variant): DP-SGD clips and noises
+per-example gradients, SGLD adds Langevin noise; the loop only schedules the learning rate, seeds each epoch,
+evaluates and checkpoints.
 """
 from __future__ import annotations
 
@@ -85,6 +87,12 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, autocast: Callable = cont
     )
 
 
+def evaluates(epoch: int, *, epochs: int, every: int) -> bool:
+    """Whether epoch `epoch` (1-based) of `epochs` is evaluated on the test set under train.eval_every = `every`:
+    every k-th and the last; 0: the last only."""
+    return epoch == epochs or (every > 0 and epoch % every == 0)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """Every epoch draws from its own seed, so a run resumed at an epoch boundary replays the same batches."""
     return seed * 1_000_003 + epoch
@@ -94,8 +102,10 @@ def fit(model: nn.Module, *, data: TrainData, config: RunConfig, variant: Traini
         run_dir: Path | None = None, resume: dict[str, Any] | None = None, eval_from: int = 1) -> FitResult:
     """Train with `variant` (default: plain training); `resume` is a last.pt payload (checkpoint.read_checkpoint).
 
-    `eval_from` > 1 skips the evaluations of the epochs before it (their rows have no eval metrics): for benchmarks
-    of long schedules whose early epochs cannot reach the threshold; a run folder needs every epoch's metrics.
+    `eval_from` > 1 also skips the evaluations of the epochs before it (their rows have no eval metrics): for
+    benchmarks of long schedules whose early epochs cannot reach the threshold; a run folder's cadence is
+    config.train.eval_every alone. Evaluation time is not training time (FitResult.train_seconds), and evaluation
+    draws no random numbers training uses (every epoch reseeds), so the cadence leaves the trained weights alone.
     """
     if eval_from > 1 and run_dir is not None:
         raise ValueError("fit: eval_from > 1 leaves epochs without metrics; it is for runs without a run folder")
@@ -106,7 +116,11 @@ def fit(model: nn.Module, *, data: TrainData, config: RunConfig, variant: Traini
                disable=not (config.train.progress and distributed.context().is_main))
     for epoch in range(loop.start_epoch, config.train.epochs):
         row = loop.train_epoch(epoch, bar)
-        for name, loader in data.evals.items() if epoch + 1 >= eval_from else ():
+        due = evaluates(epoch + 1, epochs=config.train.epochs, every=config.train.eval_every)
+        for name, loader in data.evals.items():
+            # val picks best.pt: evaluated after every epoch, so that the cadence never changes the selected epoch
+            if epoch + 1 < eval_from or not (due or name == "val"):
+                continue
             result = evaluate(loop.eval_model, loader, autocast=loop.autocast)
             row[f"{name}_loss"], row[f"{name}_acc"] = result.loss, result.accuracy
         row.update(loop.variant.on_epoch_end(epoch, loop.model))

@@ -34,7 +34,7 @@ def evaluate_checkpoint(
     loaded = load_model(checkpoint, device=torch_device)
     model, preprocess, classes, config = loaded.model, loaded.preprocess, loaded.classes, loaded.config
     dataset = load_dataset(data or config.data.path, name=config.data.dataset, download=config.data.download,
-                           image_size=config.data.image_size)
+                           image_size=config.data.image_size, labels=config.data.labels)
     _, test, dataset_classes = select_classes(dataset, config.data.classes)
     if tuple(dataset_classes) != tuple(classes):
         raise DataError(f"{dataset.source} has classes {list(dataset_classes)}, the checkpoint expects {list(classes)}")

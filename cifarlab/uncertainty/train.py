@@ -200,7 +200,7 @@ def _held_out_images(config: RunConfig, device: torch.device) -> Tensor | None:
     if config.data.classes is None:
         return None
     dataset = load_dataset(config.data.path, name=config.data.dataset, download=config.data.download, progress=False,
-                           image_size=config.data.image_size)
+                           image_size=config.data.image_size, labels=config.data.labels)
     held_out = held_out_classes(dataset.test, config.data.classes)
     if held_out is None:
         return None
