@@ -142,7 +142,8 @@ class GaussianClassifier:
         Gaussian, min_c [MD_c(z) (+ log det Sigma_c)] - MD_0(z), i.e. -2 x the log-likelihood ratio of the best
         class against the background, up to a constant. Directions in which every class varies alike (shared
         nuisance, e.g. the feature norm) raise both terms and cancel. As in the paper, the background has its own
-        full (shrunk) covariance whatever the method's class covariances are (ncm's included)."""
+        full (shrunk) covariance whatever the method's class covariances are, except for ncm, whose Euclidean class
+        distances get a Euclidean background."""
         return self.novelty(z) - self.background_distance(z)
 
 
@@ -226,8 +227,10 @@ def fit_qda_shrink(stats: FeatureStats, options: MethodOptions) -> GaussianClass
 
 def fit_ncm(stats: FeatureStats, options: MethodOptions) -> GaussianClassifier:
     eye = torch.eye(stats.dim, dtype=torch.float64)
-    return GaussianClassifier("ncm", stats.classes, _means(stats), eye, _log_prior(stats, options),
-                              **_extras(stats, options))
+    # The background is measured with Sigma = I like the classes: a Mahalanobis background subtracted from Euclidean
+    # class distances ranks unseen classes worse than chance (36-51% AUROC on the 5+5 protocol).
+    extras = {**_extras(stats, options), "background_cov": eye}
+    return GaussianClassifier("ncm", stats.classes, _means(stats), eye, _log_prior(stats, options), **extras)
 
 
 def fit_slda(stats: FeatureStats, options: MethodOptions) -> GaussianClassifier:
