@@ -4,6 +4,7 @@
     cifarlab eval --checkpoint runs/<run>/best.pt --data ...
     cifarlab predict --checkpoint runs/<run>/best.pt cat.png
     cifarlab export --checkpoint runs/<run>/best.pt --format onnx --out model.onnx
+    cifarlab prior --out runs/prior --images 20000 --epochs 4
     cifarlab data show | data download | models | recipes | env | compare runs/a runs/b
 """
 from __future__ import annotations
@@ -19,8 +20,9 @@ import yaml
 
 from cifarlab import __version__
 from cifarlab.config import (ACCOUNTANTS, CONTINUAL_METHODS, DECAYED, DEFAULT_DELTA, DEVICES, FEATURE_TRANSFORMS,
-                             LABEL_SETS, NOVELTY_SCORES, OPTIMIZERS, PRECISIONS, PRIORS, SCHEDULES, UNCERTAINTY_METHODS,
-                             ContinualConfig, RunConfig, UncertaintyConfig, list_recipes, load_recipe, merge)
+                             LABEL_SETS, NOVELTY_SCORES, OPTIMIZERS, PRECISIONS, PRIORS, RANDOM_PROCESSES, SCHEDULES,
+                             UNCERTAINTY_METHODS, ContinualConfig, PretrainConfig, RunConfig, UncertaintyConfig,
+                             list_recipes, load_recipe, merge)
 from cifarlab.data.augment import PAD_MODES
 from cifarlab.data.preprocess import PREPROCESSORS
 from cifarlab.errors import CifarlabError, ConfigError
@@ -46,6 +48,7 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--input-size", "data.input_size", int, "resize the network input to N x N on the device, batch by batch after "
      "augmentation (training, evaluation, features); the cached images keep their size"),
     ("--model", "model.name", str, "model name (see `cifarlab models`)"),
+    ("--model-prior", "model.prior", str, "start the model's features from this prior file (`cifarlab prior`)"),
     ("--optimizer", "optim.optimizer", OPTIMIZERS, "optimizer"),
     ("--lr", "optim.lr", float, "base learning rate"),
     ("--momentum", "optim.momentum", float, "SGD momentum"),
@@ -86,6 +89,8 @@ _SWITCH_FLAGS: list[tuple[str, str, str]] = [
     ("--progress", "train.progress", "show a progress bar"),
     ("--dp", "dp.enabled", "train with DP-SGD (see --target-epsilon, --noise-multiplier)"),
     ("--poisson", "dp.poisson", "DP: Poisson sampling (the guarantee assumes it)"),
+    ("--freeze-prior", "model.freeze_prior", "keep the layers loaded from --model-prior frozen (default), or "
+     "fine-tune them (--no-freeze-prior)"),
     ("--tensorboard", "train.tensorboard", "write each epoch's metrics as TensorBoard event files in the run folder"),
 ]
 
@@ -140,6 +145,15 @@ _SECTION_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, Any, str]]] = {
          f"naive fine-tuning baseline epochs (0: skip; default {ContinualConfig.finetune_epochs})"),
         ("--continual-out", "continual.out", str, "output folder (default <base run>/continual)"),
     ],
+    "pretrain": [
+        ("--images", "pretrain.images", int, f"synthetic images drawn once (default {PretrainConfig.images})"),
+        ("--process", "pretrain.processes", _Repeated(RANDOM_PROCESSES),
+         "random process to draw from (repeatable; default all)"),
+        ("--temperature", "pretrain.temperature", float,
+         f"temperature of the contrastive loss (default {PretrainConfig.temperature})"),
+        ("--min-crop", "pretrain.min_crop", float,
+         f"smallest area fraction of the views' random crops (default {PretrainConfig.min_crop})"),
+    ],
 }
 _SECTION_SWITCHES: dict[str, list[tuple[str, str, str]]] = {
     "continual": [("--joint", "continual.joint", "also train the joint upper bound on all classes")],
@@ -173,6 +187,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         from cifarlab.train.tracking import require_tensorboard
 
         require_tensorboard()
+    config.check_prior()
     return config
 
 
@@ -416,6 +431,32 @@ def cmd_uncertainty(args: argparse.Namespace) -> None:
     print(format_table(uncertainty.comparison_rows(runs), list(uncertainty.COMPARISON_COLUMNS)))
 
 
+PRIOR_RECIPE = "randp-prior-cpu"  # what `cifarlab prior` builds without --recipe
+PRIOR_OUT = "runs/prior"  # where it writes without --out: the folder the randp recipes read model.prior from
+
+
+def cmd_prior(args: argparse.Namespace) -> None:
+    from cifarlab.privacy.randp import build_prior
+
+    if args.resume:
+        raise ConfigError("cifarlab prior does not resume; build the prior again into another --out")
+    flag_of = {key: flag if isinstance(flag, str) else flag[0] for flag, key, *_ in _VALUE_FLAGS + _SWITCH_FLAGS}
+    ignored = ("model.prior", "model.freeze_prior")
+    unused = [flag_of[key] for key, value in vars(args).items()
+              if value is not None and (key.split(".")[0] in ("data", "dp") or key in ignored)]
+    if unused:  # the prior draws its own images and learns without labels or privacy: these would be ignored
+        raise ConfigError(f"cifarlab prior does not take {', '.join(unused)}: it draws its own synthetic images "
+                          "(--images, --process) and spends no privacy")
+    args.recipe = args.recipe or PRIOR_RECIPE
+    args.__dict__["train.out"] = args.__dict__["train.out"] or PRIOR_OUT
+    summary = build_prior(config_from_args(args))
+    out = args.__dict__["train.out"]
+    print(f"{out}/prior.pt: {summary['model']} features from {summary['images']} synthetic images, "
+          f"{summary['epochs']} epochs; contrastive loss {summary['final_loss']:.3f}, pair accuracy "
+          f"{summary['final_pair_accuracy']:.1%}; {summary['generate_seconds']:.0f} s generating, "
+          f"{summary['train_seconds']:.0f} s training")
+
+
 def cmd_privacy_audit(args: argparse.Namespace) -> None:
     from cifarlab.privacy.audit import audit_checkpoint
 
@@ -497,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--count", type=int, default=5000, help="members and non-members each")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--device", choices=DEVICES, default="auto")
+
+    sub = command("prior", cmd_prior, "learn a model's features from images of random processes (no real data, no "
+                                      "privacy spent), for runs with --model-prior; writes a run folder with prior.pt")
+    add_training_flags(sub, section="pretrain")
 
     sub = command("uncertainty", cmd_uncertainty, "predictive uncertainty: SGLD, MC dropout, ensembles")
     sub.add_argument("action", choices=("sine", "train", "eval", "compare"),

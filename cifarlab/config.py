@@ -47,6 +47,7 @@ PRIORS = ("uniform", "empirical")  # class priors of the continual classifiers
 FEATURE_TRANSFORMS = ("none", "l2", "tukey", "tukey+l2")  # cifarlab.continual.transforms.TRANSFORMS
 NOVELTY_SCORES = ("mahalanobis", "relative-mahalanobis", "knn", "msp", "energy")  # cifarlab.continual.novelty
 DEFAULT_NOVELTY_SCORES = ("mahalanobis", "relative-mahalanobis", "msp", "energy")  # knn needs continual.knn_bank
+RANDOM_PROCESSES = ("dead_leaves", "textured_dead_leaves", "spectral_noise")  # cifarlab.data.synthetic
 
 
 @dataclass
@@ -92,6 +93,12 @@ class DataConfig:
 class ModelConfig:
     name: str = "resnet18_cifar"
     args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model's constructor
+    # A prior file (`cifarlab prior`, cifarlab.models.prior) whose layers replace the model's initial ones; frozen
+    # (not trained, so outside DP-SGD's clipping and noise) or fine-tuned. The file is checked by
+    # `RunConfig.check_prior` (the CLI, before the data loads) and when the run is built, not by validate: a trained
+    # run's checkpoint must load without the prior file.
+    prior: str | None = None
+    freeze_prior: bool = True
 
     def validate(self) -> None:
         from cifarlab.models import list_models
@@ -292,6 +299,26 @@ class ContinualConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """A prior learned from random processes (`cifarlab prior`, cifarlab.privacy.randp); `train` ignores it."""
+
+    images: int = 20000  # synthetic images drawn once (train.seed seeds them)
+    processes: list[str] = field(default_factory=lambda: list(RANDOM_PROCESSES))
+    temperature: float = 0.5  # of the contrastive loss (SimCLR's value for CIFAR-10)
+    min_crop: float = 0.2  # smallest area fraction of the random resized crops that make the two views
+
+    def validate(self) -> None:
+        _at_least("pretrain.images", self.images, 2)
+        if not self.processes:
+            raise ConfigError(f"pretrain.processes is empty; valid: {', '.join(RANDOM_PROCESSES)}")
+        for name in self.processes:
+            _choice("pretrain.processes: process", name, RANDOM_PROCESSES)
+        _positive("pretrain.temperature", self.temperature)
+        if not 0 < self.min_crop <= 1:
+            raise ConfigError(f"pretrain.min_crop must be in (0, 1], got {self.min_crop}")
+
+
+@dataclass
 class RunConfig:
     recipe: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -301,6 +328,7 @@ class RunConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "RunConfig":
@@ -314,6 +342,7 @@ class RunConfig:
             part.validate()
         self.uncertainty.validate(epochs=self.train.epochs)
         self.continual.validate()
+        self.pretrain.validate()
         if self.dp.enabled and self.train.compile:
             raise ConfigError("train.compile cannot be combined with dp: the per-example gradient hooks are not compile-safe")
         if self.optim.schedule == "multistep" and not self.optim.milestones:
@@ -325,6 +354,20 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def check_prior(self) -> None:
+        """ConfigError, before any work, unless model.prior (if set) is a prior file that fits model.name and was
+        pretrained on inputs preprocessed as data.preprocess says."""
+        if self.model.prior is None:
+            return
+        import torch
+
+        from cifarlab.models import create_model
+        from cifarlab.models.prior import load_prior
+
+        with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the caller's seed
+            model = create_model(self.model.name, **self.model.args)
+        load_prior(model, self.model.prior, freeze=self.model.freeze_prior, preprocess=self.data.preprocess)
 
 
 def list_recipes() -> dict[str, str]:

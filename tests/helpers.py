@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import socket
 import struct
 from pathlib import Path
 from typing import Sequence
@@ -84,3 +86,19 @@ def dump_py2(obj: object, path: Path) -> None:
     _Py2Pickler(buffer, protocol=2).dump(obj)
     # numpy >= 2 names its own module numpy._core; the official files say numpy.core.
     path.write_bytes(buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_process_group(rank: int, world_size: int, port: int) -> None:
+    """In a test's worker process: join a gloo group on this machine as torchrun's rank `rank` would."""
+    from cifarlab.train import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.setup(torch.device("cpu"))

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cifarlab.report", "cifarlab.environment"),
     ("cifarlab.train",),
     ("cifarlab.privacy", "cifarlab.uncertainty"),
-    ("cifarlab.train.run", "cifarlab.train.bench", "cifarlab.uncertainty.train", "cifarlab.privacy.audit",
+    ("cifarlab.train.run", "cifarlab.train.bench", "cifarlab.uncertainty.train", "cifarlab.privacy.audit", "cifarlab.privacy.randp",
      "cifarlab.export"),
     ("cifarlab.continual",),
     ("cifarlab.cli", "cifarlab.__main__"),

@@ -8,9 +8,13 @@ from cifarlab.data.augment import (
     Augment,
     _sample_centres,
     _sample_offsets,
+    color_jitter,
     cutout,
+    grayscale,
     random_crop,
     random_flip,
+    random_grayscale,
+    random_resized_crop,
     random_translate,
 )
 from cifarlab.errors import ConfigError
@@ -169,3 +173,37 @@ def test_runs_on_the_batch_device_with_a_device_generator():
     g = torch.Generator(device="cuda").manual_seed(0)
     y = Augment(crop_padding=4, flip=True, cutout=4)(x, g)
     assert y.device == x.device and y.shape == x.shape
+
+
+# --- contrastive views ---------------------------------------------------------------------------------------------
+
+
+def test_resized_crop_of_the_whole_image_is_the_image_and_a_small_one_magnifies():
+    x = _batch(torch.float32, n=8, size=(16, 16))
+    whole = random_resized_crop(x, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=_seeded())
+    torch.testing.assert_close(whole, x)  # bilinear sampling at the pixel centres of the full square
+    ramp = torch.arange(16.0).expand(4, 3, 16, 16)  # columns 0..15
+    crop = random_resized_crop(ramp, scale=(0.25, 0.25), ratio=(1.0, 1.0), generator=_seeded())
+    steps = crop[..., 1:] - crop[..., :-1]
+    torch.testing.assert_close(steps[..., 1:-1], torch.full_like(steps[..., 1:-1], 0.5))  # half-size window: 2x zoom
+    assert crop.shape == ramp.shape and 0 <= crop.min() and crop.max() <= 15
+
+
+def test_color_jitter_keeps_the_range_and_jitters_only_the_chosen_images():
+    x = _batch(torch.float32, n=200).clamp(max=1)
+    kept = color_jitter(x, strength=0.5, p=0.0, generator=_seeded())
+    assert torch.equal(kept, x)
+    jittered = color_jitter(x, strength=0.5, p=0.8, generator=_seeded())
+    changed = (jittered != x).flatten(1).any(1).float().mean()
+    assert 0.7 < changed < 0.9 and 0 <= jittered.min() and jittered.max() <= 1
+    grey = x[:, :1].expand_as(x).clone()  # a grey image has no saturation to change
+    torch.testing.assert_close(grayscale(grey), grey[:, :1])
+
+
+def test_random_grayscale_turns_about_p_of_the_images_grey():
+    x = _batch(torch.float32, n=400)
+    out = random_grayscale(x, p=0.25, generator=_seeded())
+    grey = (out[:, 0] == out[:, 1]).flatten(1).all(1) & (out[:, 1] == out[:, 2]).flatten(1).all(1)
+    assert 0.18 < grey.float().mean() < 0.32
+    torch.testing.assert_close(out[grey][:, 0], (0.299 * x[grey][:, 0] + 0.587 * x[grey][:, 1] + 0.114 * x[grey][:, 2]))
+    assert torch.equal(out[~grey], x[~grey])

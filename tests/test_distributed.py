@@ -1,13 +1,11 @@
 """Data-parallel training: rank shards partition the single-process batches; 2 gloo processes train like one."""
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
 
-from helpers import brightest_channel_data
+from helpers import brightest_channel_data, free_port, join_process_group
 from cifarlab.config import RunConfig
 from cifarlab.data.loader import BatchLoader, TrainData
 from cifarlab.models import create_model
@@ -57,22 +55,15 @@ def test_rank_shards_partition_every_single_process_batch_with_the_same_augmenta
 def test_single_process_helpers_are_the_identity():
     loader, model = synthetic_data().train, torch.nn.Linear(2, 2)
     assert distributed.context() == distributed.Context(rank=0, world_size=1, local_rank=0)
-    assert distributed.shard_loader(loader) is loader and distributed.wrap_model(model) is model
+    assert distributed.shard_loader(loader) is loader
+    assert distributed.wrap_model(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)) is model
     assert distributed.all_reduce_sums(1.5, 2) == (1.5, 2)
     assert distributed.setup(torch.device("cpu")) == torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.setup(torch.device("cpu"))
+    join_process_group(rank, world_size, port)
     try:
         batch_sizes: list[int] = []
         result = train(batch_sizes)
@@ -84,7 +75,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
 
 def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tmp_path):
     out = tmp_path / "rank0.pt"
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    torch.multiprocessing.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2)
     ddp = torch.load(out, weights_only=True)
     single = train()
     for name, value in single.model.state_dict().items():

@@ -1,4 +1,5 @@
-"""Batched data augmentation: random crop, translation, horizontal flip, cutout.
+"""Batched data augmentation: random crop, translation, horizontal flip, cutout; and the views of contrastive
+learning (random resized crop, colour jitter, greyscale), which take float images in [0, 1].
 
 Each function takes a whole (B, C, H, W) batch (uint8 or float) on its device and an explicit
 `torch.Generator` on that device, and returns a batch of the same shape and dtype. There are no per-image
@@ -7,6 +8,7 @@ Python loops: the per-image randomness becomes index tensors or masks applied to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -129,3 +131,56 @@ class Augment:
         if self.flip:
             x = random_flip(x, generator=generator)
         return cutout(x, self.cutout, generator=generator)
+
+
+# --- the views of contrastive learning (SimCLR, Chen et al. 2020, arXiv:2002.05709): float images in [0, 1] --------
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B in grey, as PIL and torchvision use
+
+
+def _uniform(n: int, low: float, high: float, *, like: Tensor, generator: torch.Generator) -> Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def grayscale(x: Tensor) -> Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma."""
+    return torch.einsum("c,bchw->bhw", torch.tensor(LUMA, device=x.device, dtype=x.dtype), x)[:, None]
+
+
+def random_resized_crop(x: Tensor, *, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        generator: torch.Generator) -> Tensor:
+    """Crop a random rectangle of each image, area fraction in `scale`, aspect ratio (width / height) log-uniform in
+    `ratio`, and resize it back to H x W (bilinear). Szegedy et al. 2015's crop, as SimCLR uses it; a side that would
+    exceed the image is cut to it, instead of torchvision's retries."""
+    n = len(x)
+    area = _uniform(n, *scale, like=x, generator=generator)
+    aspect = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), like=x, generator=generator).exp()
+    width, height = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # fractions of a side
+    # affine_grid maps the output's [-1, 1] square to the input's: scale by the crop's half-sides, shift to its centre.
+    theta = torch.zeros((n, 2, 3), device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 1, 1] = width, height
+    theta[:, 0, 2] = (1 - width) * _uniform(n, -1, 1, like=x, generator=generator)
+    theta[:, 1, 2] = (1 - height) * _uniform(n, -1, 1, like=x, generator=generator)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def color_jitter(x: Tensor, *, strength: float, p: float = 0.8, generator: torch.Generator) -> Tensor:
+    """With probability `p` per image, scale brightness, contrast and saturation by factors uniform in
+    [1 - 0.8 s, 1 + 0.8 s] (s = `strength`; SimCLR's jitter without its hue shift), in that order; clipped to [0, 1]."""
+    n, spread = len(x), 0.8 * strength
+    factors = [_uniform(n, max(0.0, 1 - spread), 1 + spread, like=x, generator=generator).view(n, 1, 1, 1)
+               for _ in range(3)]
+    jittered = (x * factors[0]).clamp(0, 1)
+    mean = grayscale(jittered).mean((2, 3), keepdim=True)
+    jittered = ((jittered - mean) * factors[1] + mean).clamp(0, 1)
+    grey = grayscale(jittered)
+    jittered = ((jittered - grey) * factors[2] + grey).clamp(0, 1)
+    chosen = torch.rand(n, generator=generator, device=x.device) < p
+    return torch.where(chosen[:, None, None, None], jittered, x)
+
+
+def random_grayscale(x: Tensor, *, p: float, generator: torch.Generator) -> Tensor:
+    """Replace each image by its luma in all three channels with probability `p`."""
+    chosen = torch.rand(len(x), generator=generator, device=x.device) < p
+    return torch.where(chosen[:, None, None, None], grayscale(x).expand_as(x), x)

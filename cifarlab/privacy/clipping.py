@@ -21,6 +21,13 @@ Noise and averaging are the optimizer's job (Opacus DPOptimizer).
   layer). Written here because Opacus 1.6 has neither the single-pass form nor a conv norm rule
   that avoids unfolding every patch (it computes conv norms by unfold + einsum).
 - `hooks`: Opacus's GradSampleModule materialises every per-example gradient; the reference path.
+
+Under bf16 autocast the forward and backward matmuls run in bf16, and everything that the clipping bound rests
+on is fp32: each layer's inputs and output gradients (bf16 activations and backprops) are upcast before any
+per-example work, so per-example gradients, their norms, the clipping factors and the clipped sum are formed and
+accumulated in fp32 (`hooks`: Opacus forms the per-example gradients in the backprops' dtype; they are upcast
+before the view sum). The norm and the clipped sum then come from the same fp32 numbers, so every clipped
+per-example gradient has norm <= C up to fp32 rounding, whatever bf16 did to the gradient itself.
 """
 from __future__ import annotations
 
@@ -163,8 +170,10 @@ def _layer_rule(tap: _Tap, views: int) -> _LayerRule:
         return _linear_rule(module, a, g, views)
     if (type(module) in (nn.Conv2d, WSConv2d) and not isinstance(module.padding, str)
             and module.padding_mode == "zeros"):
-        output = tap.output.detach().float() if tap.output._version == tap.version else None
-        return _conv2d_rule(module, a, g, views, output=output)
+        # A bf16 output (autocast) would enter the weight-standardised norm with bf16 rounding that the clipped
+        # sum does not see, so the clipping bound would hold only up to bf16 error: recompute it in fp32 instead.
+        kept = tap.output._version == tap.version and tap.output.dtype == torch.float32
+        return _conv2d_rule(module, a, g, views, output=tap.output.detach() if kept else None)
     return _generic_rule(module, [t.float() for t in tap.inputs], g, views)
 
 
@@ -226,7 +235,7 @@ def _conv2d_rule(module: nn.Conv2d, a: Tensor, g: Tensor, views: int, *, output:
             if standardized is None:
                 sq = _gram_sq_norms(patches, gg)
             else:
-                if output is None:  # rewritten in place: recompute the bias-free output
+                if output is None:  # rewritten in place, or bf16: recompute the bias-free output
                     y = patches @ standardized[0].flatten(1).T
                 else:
                     y = output.view(batch, views, c_out, -1).transpose(2, 3).reshape(batch, positions, c_out)
@@ -479,13 +488,15 @@ def _hooks(model: nn.Module, x: Tensor, y: Tensor, *, max_grad_norm: float, view
     try:
         losses, logits = _per_example_loss(wrapped(x), y, views)
         losses.sum().backward()
-        batch = len(losses)
-        per_example = [p.grad_sample.reshape(batch, views, *p.shape).sum(1) for p in params]
+        per_view = [p.grad_sample for p in params]  # in the backprops' dtype: bf16 under autocast
     finally:
         wrapped.to_standard_module()  # removes Opacus's hooks and per-parameter attributes
         for p, old in zip(params, saved):
             p.grad = old
-    sq = sum(s.reshape(batch, -1).square().sum(1) for s in per_example)
-    norms, coef = _coefficients(sq, max_grad_norm)
-    grads = [torch.einsum("b,b...->...", coef, s) for s in per_example]
+    batch = len(losses)
+    with torch.autocast(x.device.type, enabled=False):  # as in _fast: the clipping bound must hold exactly
+        per_example = [s.float().reshape(batch, views, *p.shape).sum(1) for p, s in zip(params, per_view)]
+        sq = sum(s.reshape(batch, -1).square().sum(1) for s in per_example)
+        norms, coef = _coefficients(sq, max_grad_norm)
+        grads = [torch.einsum("b,b...->...", coef, s) for s in per_example]
     return ClipResult(grads=grads, losses=losses.detach(), logits=logits, norms=norms)

@@ -12,6 +12,9 @@ is clipped to norm C (cifarlab.privacy.clipping). Opacus's DPOptimizer then adds
 noise to the clipped sum once per logical batch, divides by the expected batch size q*N, steps, and
 reports the step to the accountant. An empty Poisson batch still takes that step, with noise only: the
 accountant counts every sampled batch, and the analysis assumes each one releases a noisy sum.
+Under torchrun each rank clips its share of the Poisson batch (cifarlab.train.distributed.ShardedLoader) and the
+optimizer sums the clipped sums over the ranks with the noise drawn once, on rank 0: every rank takes the step a
+single process would take on the whole batch, with the same sample rate, steps and epsilon.
 The same machinery with a clipping norm that follows the learning rate is SGLD-DP (cifarlab.uncertainty.sgld_dp).
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from opacus.accountants import IAccountant
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
@@ -34,6 +38,7 @@ from cifarlab.models.per_example import prepare_model, privacy_problems
 from cifarlab.models.scatter import unfitted_data_norm
 from cifarlab.privacy import accounting, datanorm
 from cifarlab.privacy.clipping import CLIP_METHODS, check_fast_supported, clipped_grad_sum, trainable_parameters
+from cifarlab.train import distributed
 from cifarlab.train.variant import StepResult
 
 __all__ = ["ClippedSumOptimizer", "ParamEMA", "PrivateTraining", "make_private", "prepare_model"]
@@ -45,11 +50,31 @@ class ClippedSumOptimizer(DPOptimizerFastGradientClipping):
     """Opacus's DP optimizer for gradients that arrive already clipped and summed (noise, scaling, accountant
     hook), taking each step's sum without a copy: Opacus deep-copies every `p.grad` into `p.summed_grad` (its
     step: 0.96 vs 0.56-0.72 ms for the `tutorial` LeNet, whose whole DP step is 25 ms, on 2 busy CPU cores).
-    `PrivateTraining.step` hands over a fresh tensor per parameter and step, so keeping it aliased is safe."""
+    `PrivateTraining.step` hands over a fresh tensor per parameter and step, so keeping it aliased is safe.
+
+    Under torchrun it sums the ranks' clipped sums itself (the model is not wrapped in DDP, see `reduces_gradients`),
+    as Opacus's DistributedDPOptimizerFastGradientClipping does, but with the noise drawn once per step over the
+    whole batch and the sum divided by the global expected batch size q*N."""
+
+    reduces_gradients = True  # cifarlab.train.distributed.wrap_model: no DDP
 
     def accumulate(self) -> None:
         for p in self.params:
             p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad + p.grad
+
+    def add_noise(self) -> None:
+        """p.grad = the clipped sum over all ranks + N(0, sigma^2 C^2): rank 0 alone adds the noise before the sum,
+        so a step holds one draw of it, as in a single process (noise on every rank would make it sqrt(ranks)
+        times larger). scale_grad then divides by q*N, the whole batch's expected size, on every rank alike."""
+        ranks = distributed.context()
+        if ranks.is_main:
+            super().add_noise()
+        else:
+            for p in self.params:
+                p.grad = p.summed_grad.view_as(p)
+        if ranks.world_size > 1:
+            for p in self.params:
+                dist.all_reduce(p.grad)
 
 
 class ParamEMA:
@@ -112,7 +137,9 @@ class PrivateTraining:
     prior: tuple[accounting.Release, ...] = ()  # releases before training (data normalisation), in the accountant
     clip_norm_for_lr: Callable[[float], float] | None = None
     epsilon_history: list[float] = field(default_factory=list)
-    clipped: torch.Tensor | int = 0  # per-example gradients clipped so far (a tensor: counting needs no device sync)
+    # Per-example gradients clipped and seen so far (a tensor: counting needs no device sync). Under torchrun this
+    # rank's counts since the last epoch end, plus the totals before it on rank 0 (_gather_counts).
+    clipped: torch.Tensor | int = 0
     examples: int = 0
 
     @property
@@ -161,11 +188,22 @@ class PrivateTraining:
         return accounting.accountant_epsilon(self.accountant, self.delta)
 
     def clipped_fraction(self) -> float:
-        """Share of per-example gradients clipped so far; for SGLD-DP, where it is not ~0 the run is not SGLD."""
-        return float(self.clipped) / max(1, self.examples)
+        """Share of per-example gradients clipped so far, over all ranks (under torchrun a call every rank makes);
+        for SGLD-DP, where it is not ~0 the run is not SGLD."""
+        clipped, examples = distributed.all_reduce_sums(self.clipped, self.examples)
+        return float(clipped) / max(1, examples)
+
+    def _gather_counts(self) -> None:
+        """Under torchrun: the clipping counts summed onto rank 0 and restarted on the others, so that rank 0's state,
+        which last.pt holds and every rank resumes from (load_state_dict), carries the run's totals."""
+        ranks = distributed.context()
+        if ranks.world_size > 1:
+            clipped, examples = distributed.all_reduce_sums(self.clipped, self.examples)
+            self.clipped, self.examples = (int(clipped), int(examples)) if ranks.is_main else (0, 0)
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, float]:
         """The epoch's row of metrics.csv gets the epsilon spent so far."""
+        self._gather_counts()
         self.epsilon_history.append(self.epsilon())
         row = {"epsilon": self.epsilon_history[-1]}
         if self.clip_norm_for_lr is not None:
@@ -208,7 +246,7 @@ class PrivateTraining:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
         self.epsilon_history = list(state["epsilon_history"])
-        self.clipped, self.examples = state["clipped"], state["examples"]
+        self.clipped, self.examples = (state["clipped"], state["examples"]) if distributed.context().is_main else (0, 0)
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 

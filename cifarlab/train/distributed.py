@@ -9,6 +9,10 @@ follow single-process training with the same global batch: exactly (up to float 
 without BatchNorm, closely with it (BN normalises over each rank's slice). Per-epoch sums (loss, correct, count)
 are added over ranks; only rank 0 writes files and shows progress.
 
+DP-SGD runs the same way with Poisson batches: every rank draws the same Poisson mask and keeps its slice of the
+sampled examples (ShardedLoader), and the DP optimizer (cifarlab.privacy.dpsgd.ClippedSumOptimizer) sums the
+clipped gradient sums over the ranks itself, adding the noise once, so its model is not wrapped in DDP.
+
 The engine calls `shard_loader`, `wrap_model` and `all_reduce_sums`; each is the identity in a single process.
 """
 from __future__ import annotations
@@ -67,10 +71,16 @@ def cleanup() -> None:
 
 
 class ShardedLoader(BatchLoader):
-    """A BatchLoader yielding only this rank's slice of every global batch.
+    """A BatchLoader yielding only this rank's slice of every global batch, cut between examples: all `views`
+    augmented rows of an example go to the same rank.
 
-    Each rank augments the whole global batch and keeps its slice, so the random draws match a single process
-    example for example; crop and flip of a batch cost little next to the model's forward and backward.
+    Each rank draws the whole global batch from the shared epoch generator (the engine seeds it alike on every
+    rank), augments it and keeps its slice, so the random draws match a single process example for example;
+    crop and flip of a batch cost little next to the model's forward and backward. With Poisson sampling this makes
+    the union of the ranks' shares a Poisson sample at rate q: it is exactly the single-process batch, in which
+    each example joined independently with probability q, and the slices partition it by position, so each sampled
+    example is trained on by exactly one rank. A rank's share may then be empty (DP-SGD adds only its part of the
+    sum, nothing); Poisson batches are never skipped, as the accountant counts each one.
     """
 
     def __init__(self, loader: BatchLoader, *, rank: int, world_size: int) -> None:
@@ -79,30 +89,37 @@ class ShardedLoader(BatchLoader):
 
     def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in super().batches(generator):
-            if len(y) < self.world_size:  # a last partial batch too small to give every rank an example: skipped
+            examples = len(y) // self.views
+            # DDP needs an example on every rank: a last shuffled batch too small for that is skipped
+            if examples < self.world_size and self.sampling != "poisson":
                 continue
-            yield x.tensor_split(self.world_size)[self.rank], y.tensor_split(self.world_size)[self.rank]
+            start, stop = (examples * r // self.world_size * self.views for r in (self.rank, self.rank + 1))
+            yield x[start:stop], y[start:stop]
 
 
 def shard_loader(loader: BatchLoader) -> BatchLoader:
     ctx = context()
     if ctx.world_size == 1:
         return loader
-    if loader.sampling == "poisson" or loader.views > 1:
-        raise ConfigError("DP-SGD (Poisson sampling, augmult) runs in a single process; start it without torchrun")
-    if loader.batch_size % ctx.world_size:
+    if loader.sampling != "poisson" and loader.batch_size % ctx.world_size:
         raise ConfigError(f"train.batch_size {loader.batch_size} must be divisible by the {ctx.world_size} processes")
     return ShardedLoader(loader, rank=ctx.rank, world_size=ctx.world_size)
 
 
-def wrap_model(model: nn.Module) -> nn.Module:
-    """DistributedDataParallel around `model` (already on this process's device) when there are several ranks.
+def wrap_model(model: nn.Module, *, optimizer: torch.optim.Optimizer) -> nn.Module:
+    """DistributedDataParallel around `model` (already on this process's device) when there are several ranks,
+    unless `optimizer` sums the gradients over the ranks itself (a true `reduces_gradients` attribute: DP-SGD's,
+    which must add its noise to the sum over all ranks once): that model only gets rank 0's weights and buffers.
 
     DDP's defaults: rank 0's weights and buffers are copied to all ranks at the start, and its buffers (BatchNorm
     running statistics) before every forward, so every rank evaluates the same model.
     """
     ctx = context()
     if ctx.world_size == 1:
+        return model
+    if getattr(optimizer, "reduces_gradients", False):
+        for tensor in model.state_dict().values():  # as DDP copies them: every rank then takes the same steps
+            dist.broadcast(tensor, src=0)
         return model
     device = next(model.parameters()).device
     device_ids = [device.index] if device.type == "cuda" else None

@@ -155,7 +155,8 @@ class _Loop:
         self.data, self.config, self.variant, self.run_dir, self.device = data, config, variant, run_dir, device
         self.scheduler = build_scheduler(variant.optimizer, config.optim, epochs=config.train.epochs,
                                          steps_per_epoch=len(data.train))
-        forward_model = distributed.wrap_model(model)  # DDP under torchrun; `model` stays the unwrapped one we save
+        # DDP under torchrun (not for an optimizer that sums over the ranks itself); `model` stays the one we save
+        forward_model = distributed.wrap_model(model, optimizer=variant.optimizer)
         self.forward_model = torch.compile(forward_model) if config.train.compile else forward_model
         self.train_loader = distributed.shard_loader(data.train)  # this rank's slice of every batch
         self.autocast = autocast_for(device, config.train.precision)

@@ -25,6 +25,7 @@ from cifarlab.hardware import autocast_for, choose_precision, resolve_device
 from cifarlab.io import write_json, write_yaml
 from cifarlab.metrics import confusion_matrix, per_class_accuracy
 from cifarlab.models import create_model
+from cifarlab.models.prior import frozen_prior, load_prior
 from cifarlab.models.scatter import unfitted_data_norm
 from cifarlab.report.run_report import write_run_report
 from cifarlab.train import distributed
@@ -59,16 +60,19 @@ def init_model_from_data(model: torch.nn.Module, data: TrainData, *, count: int 
 
 
 def precompute_frozen_prefix(model: torch.nn.Module, data: TrainData, *, progress: bool = True) -> TrainData | None:
-    """The data with every split's images replaced by `model.frozen_prefix(images)`, or None where that would change
-    the run: the model has no frozen prefix, or training augments (then each epoch sees other inputs).
+    """The data with every split's images replaced by `model.frozen_prefix(images)` (or by the model's frozen prior
+    layers' outputs), or None where that would change the run: the model has no frozen prefix, or training augments
+    (then each epoch sees other inputs).
 
-    A frozen prefix is a fixed function of each image alone (the scattering transform of `scatter_*`): computing it
-    once instead of every epoch gives the same batches, and DP-SGD the same guarantee, since the prefix looks at
-    one image at a time and at no statistic of the data.
+    A frozen prefix is a fixed function of each image alone (the scattering transform of `scatter_*`, a frozen prior
+    learned without the data, cifarlab.models.prior): computing it once instead of every epoch gives the same
+    batches, and DP-SGD the same guarantee, since the prefix looks at one image at a time and at no statistic of
+    the data.
     """
     train = data.train
     augments = train.views > 1 or (train.augment is not None and not train.augment.is_identity)
-    if not hasattr(model, "frozen_prefix") or augments:
+    prefix = model.frozen_prefix if hasattr(model, "frozen_prefix") else frozen_prior(model)
+    if prefix is None or augments:
         return None
     model.to(train.images.device)
 
@@ -76,7 +80,7 @@ def precompute_frozen_prefix(model: torch.nn.Module, data: TrainData, *, progres
         inputs, start = None, 0
         for chunk in tqdm(loader.images.split(PREFIX_CHUNK), desc=f"frozen prefix, {name}", unit="batch",
                           disable=not progress):
-            out = model.frozen_prefix(loader.transform(chunk))
+            out = prefix(loader.transform(chunk))
             if inputs is None:  # filled in place: no second copy, as torch.cat of the chunks would make
                 inputs = out.new_empty((loader.num_examples, *out.shape[1:]))
             inputs[start:start + len(chunk)] = out
@@ -130,16 +134,19 @@ def build_data(config: RunConfig, *, device: torch.device) -> TrainData:
 
 def build_run(config: RunConfig, *, data: TrainData, training: str | None = None,
               run_dir: Path | None = None) -> Run:
-    """The one way a run is assembled: the model (seeded with train.seed) on `data`, its frozen prefix computed
-    once, the training variant (`training`, one of TRAININGS; default "dp" with dp.enabled, else "plain"), its
-    data-dependent layers fitted (e.g. `fast`'s patch whitening; a resume then loads the saved ones), and the run
-    folder with config.yaml when `run_dir` is given.
+    """The one way a run is assembled: the model (seeded with train.seed) on `data`, its first layers loaded from
+    model.prior (frozen with model.freeze_prior), its frozen prefix computed once, the training variant
+    (`training`, one of TRAININGS; default "dp" with dp.enabled, else "plain"), its data-dependent layers fitted
+    (e.g. `fast`'s patch whitening; a resume then loads the saved ones), and the run folder with config.yaml when
+    `run_dir` is given.
     """
     training = training or ("dp" if config.dp.enabled else "plain")
     if training not in TRAININGS:
         raise ConfigError(f"unknown training {training!r}; valid: {', '.join(TRAININGS)}")
     torch.manual_seed(config.train.seed)
     model = create_model(config.model.name, num_classes=len(data.classes), **config.model.args)
+    if config.model.prior is not None:  # before DP's prepare_model, whose copy keeps the frozen layers frozen
+        load_prior(model, config.model.prior, freeze=config.model.freeze_prior, preprocess=config.data.preprocess)
     start = time.perf_counter()
     precomputed = precompute_frozen_prefix(model, data, progress=config.train.progress)
     prefix_seconds = time.perf_counter() - start if precomputed is not None else None

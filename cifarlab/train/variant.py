@@ -41,10 +41,23 @@ class TrainingVariant(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class PlainTraining:
-    """Forward, cross-entropy (with label smoothing), backward, optional global-norm clipping, optimizer step."""
+class StatelessVariant:
+    """The parts of a variant that adds no state to a run and evaluates the trained model itself."""
 
     eval_model = None
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class PlainTraining(StatelessVariant):
+    """Forward, cross-entropy (with label smoothing), backward, optional global-norm clipping, optimizer step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, label_smoothing: float = 0.0,
                  grad_clip: float | None = None) -> None:
@@ -61,12 +74,3 @@ class PlainTraining:
             nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
         self.optimizer.step()
         return StepResult(loss.detach() * len(y), (logits.argmax(1) == y).sum(), len(y))
-
-    def on_epoch_end(self, epoch: int, model: nn.Module) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
