@@ -27,6 +27,7 @@ from cifarlab.data.augment import PAD_MODES
 from cifarlab.data.preprocess import PREPROCESSORS
 from cifarlab.errors import CifarlabError, ConfigError
 from cifarlab.hardware import THREADS_ENV, thread_count
+from cifarlab.train import distributed
 from cifarlab.train.host_memory import retain_freed_memory
 
 # (flag, config key, type or choices, help). Every command that trains accepts all of these, spelled the same.
@@ -248,8 +249,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = RunConfig.from_dict(merge(saved, overrides), source=str(resume))
     else:
         config = config_from_args(args)
-    from cifarlab.train import distributed
-
     try:
         result = run_training(config, resume=args.resume)
     finally:
@@ -424,6 +423,7 @@ def cmd_uncertainty(args: argparse.Namespace) -> None:
     elif args.action == "compare":
         runs = args.runs
     else:
+        distributed.require_single_process("cifarlab uncertainty train")
         if args.__dict__["dp.noise_multiplier"] is not None:  # sgld-dp's sigma, spelled as DP-SGD's
             args.__dict__["uncertainty.noise_multiplier"] = args.__dict__["dp.noise_multiplier"]
         summary = uncertainty.train_uncertainty(config_from_args(args))
@@ -440,6 +440,7 @@ def cmd_prior(args: argparse.Namespace) -> None:
 
     if args.resume:
         raise ConfigError("cifarlab prior does not resume; build the prior again into another --out")
+    distributed.require_single_process("cifarlab prior")
     flag_of = {key: flag if isinstance(flag, str) else flag[0] for flag, key, *_ in _VALUE_FLAGS + _SWITCH_FLAGS}
     ignored = ("model.prior", "model.freeze_prior")
     unused = [flag_of[key] for key, value in vars(args).items()

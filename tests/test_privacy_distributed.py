@@ -186,3 +186,11 @@ def test_cifarlab_train_runs_dp_sgd_on_two_ranks_and_rank_0_reports_the_single_p
                                   accountant="rdp")
     assert summary["epsilon"] == pytest.approx(expected, rel=1e-9) and summary["test_accuracy"] > 0
     assert {"best.pt", "config.yaml", "last.pt", "metrics.csv", "report.md"} <= {p.name for p in run.iterdir()}
+
+
+@pytest.mark.parametrize("command", [["uncertainty", "train", "--method", "sgld"], ["prior"]])
+def test_commands_that_train_in_one_process_refuse_torchrun(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*command, "--out", str(tmp_path / "run")]) == 2
+    assert "runs in a single process; start it without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -65,6 +65,13 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
+def require_single_process(command: str) -> None:
+    """ConfigError when torchrun started several processes for a command that trains in one: each would train
+    alone and write the same files."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"{command} runs in a single process; start it without torchrun")
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
