@@ -52,6 +52,8 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model-prior", "model.prior", str, "start the model's features from this prior file (`cifarlab prior`)"),
     ("--optimizer", "optim.optimizer", OPTIMIZERS, "optimizer"),
     ("--lr", "optim.lr", float, "base learning rate"),
+    ("--muon-lr", "optim.muon_lr", float, "optimizer muon: learning rate of the hidden weights (--lr: head, norms, "
+     "biases)"),
     ("--momentum", "optim.momentum", float, "SGD momentum"),
     ("--weight-decay", "optim.weight_decay", float, "weight decay (L2)"),
     ("--weight-decay-on", "optim.weight_decay_on", DECAYED, "all parameters, or weights only (not norm layers, biases)"),
@@ -141,7 +143,8 @@ _SECTION_FLAGS: dict[str, list[tuple[str | tuple[str, ...], str, Any, str]]] = {
          f"features kept per class for the knn score (default {ContinualConfig.knn_bank}: none)"),
         ("--knn-k", "continual.knn_k", int,
          f"knn: distance to the k-th nearest kept feature (default {ContinualConfig.knn_k})"),
-        ("--layer", "continual.layer", str, "feature layer (module name; default: the penultimate features)"),
+        ("--layer", "continual.layer", str, "feature layer(s): a module name, or a comma list of module names and "
+         "'penultimate' whose pooled outputs are concatenated, e.g. blocks.13,penultimate (default: penultimate)"),
         ("--finetune-epochs", "continual.finetune_epochs", int,
          f"naive fine-tuning baseline epochs (0: skip; default {ContinualConfig.finetune_epochs})"),
         ("--continual-out", "continual.out", str, "output folder (default <base run>/continual)"),

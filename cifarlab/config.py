@@ -19,7 +19,7 @@ from cifarlab.io import read_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # inside the package: wheels and sdists ship them
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon")  # muon: Muon on hidden weights, SGD on the rest
 DECAYED = ("all", "weights")  # optim.weight_decay_on: every parameter, or weights only (not norm layers, biases)
 SCHEDULES = ("constant", "step", "multistep", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -48,6 +48,23 @@ FEATURE_TRANSFORMS = ("none", "l2", "tukey", "tukey+l2")  # cifarlab.continual.t
 NOVELTY_SCORES = ("mahalanobis", "relative-mahalanobis", "knn", "msp", "energy")  # cifarlab.continual.novelty
 DEFAULT_NOVELTY_SCORES = ("mahalanobis", "relative-mahalanobis", "msp", "energy")  # knn needs continual.knn_bank
 RANDOM_PROCESSES = ("dead_leaves", "textured_dead_leaves", "spectral_noise")  # cifarlab.data.synthetic
+
+
+PENULTIMATE = "penultimate"  # in a layer list: the forward_features output itself
+
+
+def parse_layers(layer: str | None) -> tuple[str, ...]:
+    """The layer names of a `continual.layer` value: None reads the penultimate features, "a,b" concatenates the
+    pooled outputs of modules a and b (and "penultimate" the penultimate features) in that order."""
+    if layer is None:
+        return (PENULTIMATE,)
+    names = tuple(name.strip() for name in layer.split(","))
+    if not all(names):
+        raise ConfigError(f"layer list {layer!r} has an empty name; give module names separated by commas, "
+                          f"e.g. blocks.13,{PENULTIMATE}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"layer list {layer!r} names a layer twice")
+    return names
 
 
 @dataclass
@@ -111,6 +128,7 @@ class ModelConfig:
 class OptimConfig:
     optimizer: str = "sgd"
     lr: float = 0.1
+    muon_lr: float = 0.05  # optimizer muon: the hidden weights' learning rate (lr: the head, norms, biases)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
@@ -128,6 +146,7 @@ class OptimConfig:
         _choice("optim.schedule", self.schedule, SCHEDULES)
         _choice("optim.weight_decay_on", self.weight_decay_on, DECAYED)
         _positive("optim.lr", self.lr)
+        _positive("optim.muon_lr", self.muon_lr)
         _at_least("optim.weight_decay", self.weight_decay, 0)
         _at_least("optim.warmup_epochs", self.warmup_epochs, 0)
         _at_least("optim.step_size", self.step_size, 1)
@@ -135,8 +154,8 @@ class OptimConfig:
             raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip is not None:
             _positive("optim.grad_clip", self.grad_clip)
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
-            raise ConfigError("optim.nesterov needs optimizer 'sgd' with momentum > 0")
+        if self.nesterov and (self.optimizer not in ("sgd", "muon") or self.momentum <= 0):
+            raise ConfigError("optim.nesterov needs optimizer 'sgd' or 'muon' with momentum > 0")
 
 
 @dataclass
@@ -267,7 +286,8 @@ class ContinualConfig:
     novelty_scores: list[str] = field(default_factory=lambda: list(DEFAULT_NOVELTY_SCORES))  # each one reported
     knn_bank: int = 0  # features kept per class for the knn novelty score (0: none; 1000 x 512 float32: 2 MB a class)
     knn_k: int = 10  # knn: the score is the distance to the k-th nearest kept feature
-    layer: str | None = None  # feature layer (module name; None: the penultimate features)
+    # feature layer: a module name, or a comma list of them and "penultimate" (concatenated); None: penultimate
+    layer: str | None = None
     finetune_epochs: int = 1  # naive fine-tuning baseline epochs per increment (0: skip it)
     joint: bool = False  # also train the joint upper bound on all classes
     out: str | None = None  # output folder (None: <base run>/continual)
@@ -296,6 +316,8 @@ class ContinualConfig:
             raise ConfigError(f"continual.knn_k ({self.knn_k}) must not exceed continual.knn_bank ({self.knn_bank})")
         _at_least("continual.group_size", self.group_size, 1)
         _at_least("continual.finetune_epochs", self.finetune_epochs, 0)
+        if self.layer is not None:
+            parse_layers(self.layer)  # names are checked against the model when it is loaded
 
 
 @dataclass

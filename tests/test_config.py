@@ -87,6 +87,7 @@ def test_recipes_live_inside_the_package():
         ({"continual": {"shrinkage": "ledoit"}}, "number in \\[0, 1\\] or 'oas'"),
         ({"continual": {"shrinkage": 2.0}}, "number in \\[0, 1\\] or 'oas'"),
         ({"continual": {"prior": "zipf"}}, "continual.prior 'zipf' is not valid"),
+        ({"continual": {"layer": "blocks.13,,penultimate"}}, "layer list 'blocks.13,,penultimate' has an empty name"),
     ],
 )
 def test_section_values_are_checked(values, message):

@@ -30,21 +30,23 @@ def test_features_equal_forward_features_of_the_preprocessed_batch(setup):
 
 
 def test_named_layer_is_average_pooled_at_the_preprocessors_input_size(setup):
-    model, _, images = setup
+    _, _, images = setup
+    model = create_model("fast", num_classes=3, width1=8, width2=8, width3=16, tta=0)
     preprocess = fit_preprocessor("normalize", images, size=48)  # as for a backbone trained on 48 px inputs
-    got = extract_features(model, images, preprocess=preprocess, layer="features.3", batch_size=10)
+    got = extract_features(model, images, preprocess=preprocess, layer="blocks.6", batch_size=10)
     with torch.no_grad():
         normalised = (images.float() / 255 - preprocess.mean) / preprocess.std
         x = F.interpolate(normalised, size=(48, 48), mode="bilinear", align_corners=False)
-        ref = model.eval().features[:4](x).mean(dim=(2, 3))  # conv-relu-pool-conv output, pooled
+        whitened = F.gelu(F.conv2d(x, model.whiten_weight, model.whiten_bias))
+        ref = model.eval().blocks[:7](whitened).mean(dim=(2, 3))  # the first block's output, pooled
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    assert got.shape == (23, 16)
+    assert got.shape == (23, 8)
     assert describe_backbone(model, preprocess).input_size == 48
 
 
 def test_unknown_layer_lists_the_layers(setup):
     model, preprocess, images = setup
-    with pytest.raises(CifarlabError, match="no layer 'conv9'; layers: features, features.0"):
+    with pytest.raises(CifarlabError, match="no layer .conv9.; layers: penultimate, features, features.0"):
         extract_features(model, images, preprocess=preprocess, layer="conv9")
 
 
@@ -84,3 +86,41 @@ def test_precision_is_part_of_the_backbone_identity(setup):
         check_same_backbone(bf16, fp32)
     with pytest.raises(CifarlabError, match="fp32 or bf16, got 'auto'"):
         describe_backbone(model, preprocess, precision="auto")
+
+
+def test_layer_list_concatenates_the_pooled_layers_and_the_penultimate_features(setup):
+    model, preprocess, images = setup
+    got = extract_features(model, images, preprocess=preprocess, layer="features.3, penultimate", batch_size=7)
+    x = preprocess(images.float() / 255)
+    with torch.no_grad():
+        model.eval()
+        ref = torch.cat([model.features[:4](x).mean(dim=(2, 3)), model.forward_features(x)], dim=1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert got.shape == (23, 16 + 84)
+
+
+def test_inner_layers_are_averaged_over_the_test_time_views_like_the_penultimate_features():
+    torch.manual_seed(0)
+    model = create_model("fast", num_classes=3, width1=8, width2=8, width3=16, tta=1).eval()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    preprocess = fit_preprocessor("normalize", images)
+    got = extract_features(model, images, preprocess=preprocess, layer="blocks.6,penultimate")
+    x = preprocess(images.float() / 255)
+    inner = []
+    hook = model.blocks[6].register_forward_hook(lambda m, i, out: inner.append(out.mean(dim=(2, 3))))
+    with torch.no_grad():
+        penultimate = model.forward_features(x)
+    hook.remove()
+    assert len(inner) == 2  # the image and its mirror
+    torch.testing.assert_close(got, torch.cat([(inner[0] + inner[1]) / 2, penultimate], dim=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer, message", [
+    ("features.3,,penultimate", "empty name"),
+    ("features.3,features.3", "names a layer twice"),
+    ("penultimate,conv9", "no layer 'conv9'; layers: penultimate, features"),
+])
+def test_bad_layer_lists_are_refused_with_the_reason(setup, layer, message):
+    model, preprocess, images = setup
+    with pytest.raises(CifarlabError, match=message):
+        extract_features(model, images, preprocess=preprocess, layer=layer)

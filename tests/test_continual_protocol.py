@@ -1,5 +1,6 @@
 """The protocol: step planning, per-step metrics, head widening, and one tiny end-to-end run on real images."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -124,3 +125,12 @@ def test_end_to_end_on_real_images(small_cifar, tmp_path):
     table = summary_table(summary)
     assert table.splitlines()[0].split()[:3] == ["method", "final", "acc"] and "finetune" in table
     assert "FPR95 % (base)" in table and "relative-mahalanobis" in table
+    # the joint run is in ascending class order, so a copy of it serves another class order without training
+    shutil.copytree(out / "joint", tmp_path / "reversed" / "joint")
+    trained_at = (tmp_path / "reversed" / "joint" / "summary.json").stat().st_mtime_ns
+    reversed_order = run_protocol(tmp_path / "base", ProtocolOptions(order=(3, 2), methods=("lda",), finetune_epochs=0,
+                                                                     joint=True, device="cpu", progress=False,
+                                                                     out=str(tmp_path / "reversed")))
+    assert (tmp_path / "reversed" / "joint" / "summary.json").stat().st_mtime_ns == trained_at
+    assert reversed_order["methods"]["joint"]["final_accuracy"] == summary["methods"]["joint"]["final_accuracy"]
+    assert reversed_order["methods"]["joint"]["per_class_accuracy"] == summary["methods"]["joint"]["per_class_accuracy"]

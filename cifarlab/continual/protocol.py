@@ -254,10 +254,13 @@ def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) 
         say(f"step {step}: +{[dataset.classes[c] for c in group]} -> "
             + ", ".join(f"{name} {log[name][-1]['accuracy']:.1%}" for name in log))
     if options.joint:
-        joint = _train_joint(config, learned, names=[dataset.classes[c] for c in learned], data=options.data,
-                             out=out / "joint", device=device)
+        # In ascending class order whatever the protocol's order: one joint run is the bound of every order.
+        joint_classes = sorted(learned)
+        joint = _train_joint(config, joint_classes, names=[dataset.classes[c] for c in joint_classes],
+                             data=options.data, out=out / "joint", device=device)
         joint_logits = logits_of(joint.model, dataset.test.images, preprocess=joint.preprocess)
-        log["joint"] = [None] * (len(steps) - 1) + [_head_metrics(joint_logits, ids, targets, seen[-1], head_names)]
+        log["joint"] = [None] * (len(steps) - 1) + [_head_metrics(joint_logits, torch.tensor(joint_classes), targets,
+                                                                  seen[-1], head_names)]
 
     state_path = save_state(out / "state.pt", state)
     summary = {
@@ -396,7 +399,8 @@ def _finetune(model: nn.Module, dataset: Dataset, group: Sequence[int], learned:
 def _train_joint(config: RunConfig, classes: Sequence[int], *, names: Sequence[str], data: str | None, out: Path,
                  device: torch.device) -> LoadedModel:
     """The upper bound: the base run's recipe trained on every learned class at once; a finished
-    joint run already in `out` (same classes) is reused rather than trained again."""
+    joint run already in `out` (same classes) is reused rather than trained again, so a joint folder copied
+    into the output of another class order is reused there too."""
     if not (out / "summary.json").is_file():
         overrides: dict[str, Any] = {"train": {"out": str(out)}}
         if data is not None:
