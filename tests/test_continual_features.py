@@ -124,3 +124,15 @@ def test_bad_layer_lists_are_refused_with_the_reason(setup, layer, message):
     model, preprocess, images = setup
     with pytest.raises(CifarlabError, match=message):
         extract_features(model, images, preprocess=preprocess, layer=layer)
+
+
+def test_a_state_whose_inner_layer_was_read_from_the_first_view_only_refuses_averaged_features(setup):
+    model, preprocess, _ = setup
+    now = describe_backbone(model, preprocess, layer="features.3")
+    assert now.layer_views == "mean" and describe_backbone(model, preprocess).layer_views == ""
+    saved_before = Backbone(**{**now.to_dict(), "layer_views": ""})  # a state dict without the field loads like this
+    with pytest.raises(CifarlabError, match="first view only.*views averaged"):
+        check_same_backbone(saved_before, now)
+    penultimate_before = Backbone(**{k: v for k, v in describe_backbone(model, preprocess).to_dict().items()
+                                     if k != "layer_views"})
+    check_same_backbone(penultimate_before, describe_backbone(model, preprocess))  # unaffected

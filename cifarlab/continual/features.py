@@ -41,15 +41,20 @@ class Backbone:
     input_size: int | None = None  # side the preprocessor resizes inputs to (the training size); None: as stored
     image_size: int = 32           # side of the stored images (a folder of new images is read at it)
     precision: str = "fp32"        # "bf16": the network ran under bf16 autocast (states before it: fp32)
+    # "mean": inner layers read over the whole forward pass, averaged over test-time views; "" for penultimate-only
+    # features and for states saved before, whose inner layers were read from the first view only
+    layer_views: str = ""
     checkpoint: str | None = None  # where to rebuild the network from (not part of the identity)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "model_args": dict(self.model_args), "fingerprint": self.fingerprint,
                 "layer": self.layer, "input_size": self.input_size, "image_size": self.image_size,
-                "precision": self.precision, "checkpoint": self.checkpoint}
+                "precision": self.precision, "layer_views": self.layer_views, "checkpoint": self.checkpoint}
 
     def describe(self) -> str:
         where = f"layer {self.layer!r}" if self.layer else "forward_features"
+        if self.layer:
+            where += ", views averaged" if self.layer_views == "mean" else ", first view only"
         size = f", input {self.input_size}px" if self.input_size else ""
         return f"{self.model} {self.model_args} at {where}{size}, {self.precision}, weights {self.fingerprint[:12]}"
 
@@ -57,7 +62,8 @@ class Backbone:
 def check_same_backbone(expected: Backbone, actual: Backbone) -> None:
     """CheckpointError unless both describe the same network, layer, input size and precision."""
     def identity(b: Backbone) -> tuple:
-        return b.model, sorted(b.model_args.items()), b.fingerprint, b.layer, b.input_size, b.image_size, b.precision
+        return (b.model, sorted(b.model_args.items()), b.fingerprint, b.layer, b.input_size, b.image_size, b.precision,
+                b.layer_views)
 
     if identity(expected) != identity(actual):
         raise CheckpointError(f"the classifier state was built on backbone [{expected.describe()}] but these "
@@ -89,7 +95,7 @@ def describe_backbone(model: nn.Module, preprocess: Preprocessor, *, layer: str 
     return Backbone(model=getattr(model, "model_name", type(model).__name__),
                     model_args=dict(getattr(model, "model_args", {})), fingerprint=fingerprint(model, preprocess),
                     layer=layer, input_size=preprocess.size, image_size=image_size, precision=precision,
-                    checkpoint=checkpoint)
+                    layer_views="mean" if layer else "", checkpoint=checkpoint)
 
 
 def _find_layer(model: nn.Module, layer: str) -> nn.Module:
