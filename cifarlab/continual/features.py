@@ -118,10 +118,10 @@ class _LayerReader:
     the views, as the penultimate features are."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        self.names = [name for name in names if name != PENULTIMATE]
         self.sums: dict[str, Tensor] = {}
         self.calls: dict[str, int] = {}
-        self.handles = [_find_layer(model, name).register_forward_hook(self._hook(name)) for name in self.names]
+        self.handles = [_find_layer(model, name).register_forward_hook(self._hook(name))
+                        for name in names if name != PENULTIMATE]
 
     def _hook(self, name: str) -> Callable:
         def record(module: nn.Module, inputs: tuple, output: Tensor) -> None:

@@ -24,7 +24,8 @@ NEWTON_SCHULZ_STEPS = 5
 
 def orthogonalize(update: Tensor) -> Tensor:
     """An approximation of U V^T for update = U S V^T, the matrix flattened to (out, rest); same shape and dtype.
-    Written by hand: torch has no Muon before 2.9 and cifarlab supports torch >= 2.4."""
+    Written by hand: torch.optim.Muon (recent torch only; cifarlab supports torch >= 2.4) refuses conv filters,
+    which are exactly the weights Muon is meant for here."""
     matrix = update.reshape(len(update), -1).float()
     wide = matrix.shape[0] <= matrix.shape[1]
     x = matrix if wide else matrix.T  # X X^T is then the smaller Gram matrix
