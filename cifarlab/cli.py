@@ -87,6 +87,8 @@ _SWITCH_FLAGS: list[tuple[str, str, str]] = [
     ("--flip", "data.flip", "random horizontal flips"),
     ("--download", "data.download", "download the dataset when no local copy is found"),
     ("--nesterov", "optim.nesterov", "Nesterov momentum"),
+    ("--muon-normalize", "optim.muon_normalize", "optimizer muon: hold each hidden weight at norm sqrt(out channels) "
+     "(nets with a normalisation layer after every hidden weight)"),
     ("--channels-last", "train.channels_last", "channels_last memory format (default: on CUDA)"),
     ("--compile", "train.compile", "torch.compile the model"),
     ("--progress", "train.progress", "show a progress bar"),

@@ -129,6 +129,9 @@ class OptimConfig:
     optimizer: str = "sgd"
     lr: float = 0.1
     muon_lr: float = 0.05  # optimizer muon: the hidden weights' learning rate (lr: the head, norms, biases)
+    # optimizer muon: hold each hidden weight at Frobenius norm sqrt(out channels) after every step, for nets whose
+    # hidden weights all feed a normalisation layer (their scale is then free; the weight decay is not applied)
+    muon_normalize: bool = False
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
@@ -154,6 +157,8 @@ class OptimConfig:
             raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip is not None:
             _positive("optim.grad_clip", self.grad_clip)
+        if self.muon_normalize and self.optimizer != "muon":
+            raise ConfigError(f"optim.muon_normalize needs optimizer 'muon', got {self.optimizer!r}")
         if self.nesterov and (self.optimizer not in ("sgd", "muon") or self.momentum <= 0):
             raise ConfigError("optim.nesterov needs optimizer 'sgd' or 'muon' with momentum > 0")
 
@@ -376,6 +381,11 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def clips_per_example(self) -> bool:
+        """Whether training clips per-example gradients: DP-SGD, or SGLD-DP's configuration of it."""
+        return self.dp.enabled or self.uncertainty.method == "sgld-dp"
 
     def check_prior(self) -> None:
         """ConfigError, before any work, unless model.prior (if set) is a prior file that fits model.name and was

@@ -42,20 +42,32 @@ class CpuInfo:
         return ", ".join(found) or f"unknown ({torch.backends.cpu.get_cpu_capability()} kernels)"
 
 
+def parse_cpuinfo(text: str) -> CpuInfo:
+    """The first processor's model name and flags in the text of /proc/cpuinfo. Virtual machines often show a bare
+    or generic name ("AMD EPYC", "Intel Xeon CPU @ 2.20GHz") that does not tell CPU generations apart, so x86 family
+    and model numbers are appended to the name (AMD family 25 is Zen 3/4, 26 is Zen 5)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if not key and fields:
+            break  # a blank line ends the first processor's block
+        fields.setdefault(key, value)
+    model = fields.get("model name", "")
+    if model and fields.get("cpu family", "").isdigit():
+        model += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    flags = frozenset((fields.get("flags") or fields.get("features") or "").lower().split())
+    return CpuInfo(model=model, flags=flags)
+
+
 @lru_cache(maxsize=1)
 def cpu_info() -> CpuInfo:
     """The CPU's model name and flags, read from /proc/cpuinfo on Linux (elsewhere: the platform's processor name)."""
-    model, flags = platform.processor() or platform.machine(), frozenset()
+    info = CpuInfo(model="", flags=frozenset())
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key == "model name" and value.strip():
-                    model = value.strip()
-                elif key in ("flags", "features") and not flags:
-                    flags = frozenset(value.lower().split())
-    return CpuInfo(model=model, flags=flags)
+            info = parse_cpuinfo(f.read())
+    return CpuInfo(model=info.model or platform.processor() or platform.machine(), flags=info.flags)
 
 
 def machine_name(device: torch.device) -> str:
@@ -86,10 +98,15 @@ class PrecisionChoice:
     reason: str  # one line for summaries, `cifarlab env` and bug reports
 
 
-def choose_precision(device: torch.device, requested: str = "auto") -> PrecisionChoice:
-    """What a run with `requested` ("auto", "fp32", "bf16") computes in on `device`, and why."""
+def choose_precision(device: torch.device, requested: str = "auto", *, per_example: bool = False) -> PrecisionChoice:
+    """What a run with `requested` ("auto", "fp32", "bf16") computes in on `device`, and why. `per_example`: the run
+    clips per-example gradients (DP-SGD), whose norms and clipping stay fp32 under bf16 (cifarlab.privacy)."""
     if requested == "fp32":
         return PrecisionChoice("fp32", "fp32 asked for")
+    if requested == "auto" and per_example and device.type == "cpu":
+        # Measured on a CPU with native bf16 (docs/privacy.md): the fp32 per-example work dominates a DP step, and
+        # the casts around it made bf16 DP runs slower than fp32 ones, and no more accurate.
+        return PrecisionChoice("fp32", "auto: DP-SGD on a CPU computes in fp32 (bf16 measured slower there)")
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
         where = f"{torch.cuda.get_device_name(device)} {'supports' if native else 'lacks'} bf16"
@@ -103,16 +120,17 @@ def choose_precision(device: torch.device, requested: str = "auto") -> Precision
     return PrecisionChoice("bf16" if native else "fp32", f"auto: {where}")
 
 
-def resolve_precision(device: torch.device, precision: str) -> str:
-    return choose_precision(device, precision).precision
+def resolve_precision(device: torch.device, precision: str, *, per_example: bool = False) -> str:
+    return choose_precision(device, precision, per_example=per_example).precision
 
 
-def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+def autocast_for(device: torch.device, precision: str, *,
+                 per_example: bool = False) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of bf16 autocast contexts where `choose_precision` says bf16, else of null contexts.
 
     An explicit bf16 on a CPU without native bf16 still runs, with a warning: the user asked for it.
     """
-    choice = choose_precision(device, precision)
+    choice = choose_precision(device, precision, per_example=per_example)
     if choice.precision == "fp32":
         return contextlib.nullcontext
     if device.type == "cpu" and not cpu_info().native_bf16:

@@ -102,3 +102,36 @@ def test_unavailable_devices_are_clear_errors(monkeypatch):
     with pytest.raises(Exception, match="CUDA is not available"):
         hardware.resolve_device("cuda")
     assert hardware.resolve_device("cpu") == CPU
+
+
+def _cpuinfo(name: str, family: str = "26", flags: str = "fpu avx2 avx512f avx512_bf16") -> str:
+    block = f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: 2\n" \
+            f"model name\t: {name}\nflags\t\t: {flags}\n"
+    return "\n".join(block.format(i) for i in range(2))
+
+
+def test_the_name_gets_the_family_and_model_that_tell_generations_apart():
+    info = hardware.parse_cpuinfo(_cpuinfo("AMD EPYC"))
+    assert info.model == "AMD EPYC (family 26, model 2)"
+    assert info.native_bf16 and info.isa == "AVX2, AVX-512, AVX-512 BF16"
+
+
+def test_the_flags_of_the_first_processor_are_read():
+    info = hardware.parse_cpuinfo(_cpuinfo("AMD EPYC 9R14 96-Core Processor", family="25", flags="fpu avx2"))
+    assert info.model == "AMD EPYC 9R14 96-Core Processor (family 25, model 2)"
+    assert info.flags == {"fpu", "avx2"} and not info.native_bf16
+
+
+def test_arm_cpuinfo_reads_its_features_line():
+    info = hardware.parse_cpuinfo("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16\n\n")
+    assert info.model == "" and "asimd" in info.flags and info.isa == "NEON"
+
+
+def test_auto_keeps_dp_sgd_in_fp32_on_a_cpu_with_native_bf16_but_bf16_asked_for_is_kept(fake_cpu):
+    fake_cpu(AVX512_BF16)
+    choice = hardware.choose_precision(CPU, "auto", per_example=True)
+    assert choice.precision == "fp32" and "DP-SGD" in choice.reason
+    with hardware.autocast_for(CPU, "auto", per_example=True)():
+        assert not torch.is_autocast_enabled("cpu")
+    assert hardware.choose_precision(CPU, "bf16", per_example=True).precision == "bf16"
+    assert hardware.choose_precision(CPU, "auto").precision == "bf16"  # plain training keeps native bf16

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from cifarlab import hardware
 from cifarlab.config import RunConfig
 from cifarlab.data.loader import BatchLoader, TrainData
 from cifarlab.data.preprocess import fit_preprocessor
@@ -169,3 +170,12 @@ def test_cli_dp_run_in_bf16_records_its_precision(tmp_path):
                        flags=["--dp", "--noise-multiplier", "1", "--precision", "bf16"])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["privacy"]["grad_sample_mode"] == "fast"
+
+
+def test_cli_dp_run_on_auto_computes_in_fp32_on_a_cpu_with_native_bf16(tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_info", lambda: hardware.CpuInfo(model="bf16 CPU",
+                                                                        flags=frozenset({"avx512f", "avx512_bf16"})))
+    train_tiny_run(write_image_folder(tmp_path / "images", train=8, test=2), tmp_path / "run",
+                   flags=["--dp", "--noise-multiplier", "1", "--precision", "auto"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["precision"] == "fp32" and "DP-SGD" in summary["precision_reason"]

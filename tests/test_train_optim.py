@@ -63,3 +63,24 @@ def test_muon_is_a_validated_config_choice():
         RunConfig.from_dict({"optim": {"optimizer": "muon", "muon_lr": 0}})
     with pytest.raises(ConfigError, match="no.*outside its classifier head"):
         build_optimizer(nn.BatchNorm1d(4), OptimConfig(optimizer="muon"))
+
+
+def test_muon_normalize_holds_the_norm_and_keeps_the_direction_of_the_plain_step():
+    w, reference = nn.Parameter(torch.randn(6, 4) * 3), nn.Parameter(torch.randn(6, 4))
+    reference.data.copy_(w.data)
+    grad = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    w.grad, reference.grad = grad.clone(), grad.clone()
+    Muon([{"params": [w], "muon": True, "normalize": True}], lr=0.2, momentum=0.5, nesterov=True,
+         weight_decay=0.0).step()
+    Muon([{"params": [reference], "muon": True}], lr=0.2, momentum=0.5, nesterov=True, weight_decay=0.0).step()
+    assert w.norm().item() == pytest.approx(6 ** 0.5, rel=1e-6)
+    torch.testing.assert_close(w.detach(), reference.detach() * 6 ** 0.5 / reference.norm())
+
+
+def test_muon_normalize_drops_the_hidden_weights_decay_and_needs_muon():
+    model = create_model("fast", num_classes=3, width1=8, width2=8, width3=16, lookahead_every=0, tta=0)
+    hidden, head, _ = build_optimizer(model, OptimConfig(optimizer="muon", muon_normalize=True)).param_groups
+    assert hidden["normalize"] and hidden["weight_decay"] == 0.0
+    assert not head["normalize"] and head["weight_decay"] == 5e-4
+    with pytest.raises(ConfigError, match="muon_normalize needs optimizer 'muon'"):
+        RunConfig.from_dict({"optim": {"optimizer": "sgd", "muon_normalize": True}})

@@ -105,7 +105,7 @@ def train_once(config: RunConfig, *, eval_from: int = 1) -> dict[str, Any]:
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "machine": machine_name(device),
-        "precision": resolve_precision(device, config.train.precision),
+        "precision": resolve_precision(device, config.train.precision, per_example=config.clips_per_example),
         "data_source": data.source,
         "epsilon": run.variant.epsilon() if config.dp.enabled else None,
     }

@@ -42,7 +42,8 @@ def evaluate_checkpoint(
         test = test.subset(stratified_indices(test.labels, test_subset, seed=0))
     test = Split(images=test.images.to(torch_device), labels=test.labels.to(torch_device))
     loader = BatchLoader(test, batch_size=config.train.eval_batch_size, preprocess=preprocess)
-    result = evaluate(model, loader, autocast=autocast_for(torch_device, config.train.precision))
+    result = evaluate(model, loader, autocast=autocast_for(torch_device, config.train.precision,
+                                                           per_example=config.clips_per_example))
     cm = confusion_matrix(result.predictions, result.targets, len(classes))
     report = {
         "checkpoint": str(checkpoint),

@@ -43,12 +43,15 @@ class Muon(torch.optim.Optimizer):
     Both keep a momentum buffer m = momentum * m + g (g with L2 weight decay added, as torch's SGD does) and step
     along m, or along g + momentum * m with nesterov. A Muon group replaces that direction by its orthogonalised
     version, scaled by sqrt(max(1, out / in)) so that every layer moves by a similar RMS whatever its shape (as in
-    Jordan et al.); the others step like torch.optim.SGD. One optimizer, so the engine's schedule, checkpoint and
-    resume treat it as any other."""
+    Jordan et al.); the others step like torch.optim.SGD. A group marked `normalize: True` is rescaled after every
+    step to Frobenius norm sqrt(out), as airbench94_muon does: where a normalisation layer follows, the weight's scale
+    does not change the function, but it divides the effective step, which would otherwise shrink as fixed-size
+    orthogonal steps grow the weight. One optimizer, so the engine's schedule, checkpoint and resume treat it as any
+    other."""
 
     def __init__(self, params, *, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov,
-                                  "weight_decay": weight_decay, "muon": False})
+                                  "weight_decay": weight_decay, "muon": False, "normalize": False})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -71,6 +74,8 @@ class Muon(torch.optim.Optimizer):
                 if group["muon"]:
                     direction = orthogonalize(direction) * max(1.0, len(p) / p[0].numel()) ** 0.5
                 p.add_(direction, alpha=-group["lr"])
+                if group["normalize"]:
+                    p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
         return loss
 
 
@@ -86,7 +91,10 @@ def muon_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
                           "model has none outside its classifier head (use sgd)")
     others = [p for p in params if p.ndim < 2 or id(p) in head_ids]
     no_decay = 0.0 if config.weight_decay_on == "weights" else config.weight_decay
-    return [{"params": hidden, "muon": True, "lr": config.muon_lr},
+    hidden_group = {"params": hidden, "muon": True, "lr": config.muon_lr}
+    if config.muon_normalize:  # the norm is held fixed, so decay would only tilt the direction
+        hidden_group.update(normalize=True, weight_decay=0.0)
+    return [hidden_group,
             {"params": [p for p in others if p.ndim >= 2]},
             {"params": [p for p in others if p.ndim < 2], "weight_decay": no_decay}]
 

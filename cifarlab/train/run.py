@@ -232,10 +232,11 @@ def _private_training(model: nn.Module, data: TrainData, config: RunConfig, trai
 
 def summarize(result: FitResult, *, data, config: RunConfig, device: torch.device, best_epoch: int) -> dict[str, Any]:
     """The run's headline numbers, measured on the best checkpoint (best validation epoch when there is a val set)."""
-    test = evaluate(result.model, data.evals["test"], autocast=autocast_for(device, config.train.precision))
+    test = evaluate(result.model, data.evals["test"],
+                    autocast=autocast_for(device, config.train.precision, per_example=config.clips_per_example))
     cm = confusion_matrix(test.predictions, test.targets, len(data.classes))
     best_row = result.history[best_epoch - 1]
-    precision = choose_precision(device, config.train.precision)
+    precision = choose_precision(device, config.train.precision, per_example=config.clips_per_example)
     return {
         "model": config.model.name,
         "recipe": config.recipe,
