@@ -85,6 +85,8 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
 ]
 _SWITCH_FLAGS: list[tuple[str, str, str]] = [
     ("--flip", "data.flip", "random horizontal flips"),
+    ("--alternate-flip", "data.alternate_flip", "mirror each training image in every other epoch instead of at random "
+     "(needs --flip)"),
     ("--download", "data.download", "download the dataset when no local copy is found"),
     ("--nesterov", "optim.nesterov", "Nesterov momentum"),
     ("--muon-normalize", "optim.muon_normalize", "optimizer muon: hold each hidden weight at norm sqrt(out channels) "

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cifarlab.errors import ConfigError
+from cifarlab.hardware import PrecisionChoice, choose_precision
 from cifarlab.io import read_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # inside the package: wheels and sdists ship them
@@ -84,6 +87,8 @@ class DataConfig:
     pad_mode: str = "zero"
     translate: int = 0
     flip: bool = True
+    # Mirror each image in every other epoch rather than at random (Jordan 2024's derandomized flips); needs flip.
+    alternate_flip: bool = False
     cutout: int = 0
     val_size: int = 0  # training images held out (stratified) to pick the best epoch
     train_subset: int | None = None  # stratified subsets for quick runs
@@ -101,6 +106,9 @@ class DataConfig:
         check_input_size("data.image_size", self.image_size)
         for name in ("crop_padding", "translate", "cutout", "val_size"):
             _at_least(f"data.{name}", getattr(self, name), 0)
+        if self.alternate_flip and not self.flip:
+            raise ConfigError("data.alternate_flip (--alternate-flip) needs data.flip (--flip): it changes which "
+                              "images are mirrored, not whether")
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) is not None:
                 _at_least(f"data.{name}", getattr(self, name), 1)
@@ -386,6 +394,10 @@ class RunConfig:
     def clips_per_example(self) -> bool:
         """Whether training clips per-example gradients: DP-SGD, or SGLD-DP's configuration of it."""
         return self.dp.enabled or self.uncertainty.method == "sgld-dp"
+
+    def precision_on(self, device: torch.device) -> PrecisionChoice:
+        """What this run computes in on `device`, and why: its train.precision, and whether it clips per example."""
+        return choose_precision(device, self.train.precision, per_example=self.clips_per_example)
 
     def check_prior(self) -> None:
         """ConfigError, before any work, unless model.prior (if set) is a prior file that fits model.name and was

@@ -120,17 +120,16 @@ def choose_precision(device: torch.device, requested: str = "auto", *, per_examp
     return PrecisionChoice("bf16" if native else "fp32", f"auto: {where}")
 
 
-def resolve_precision(device: torch.device, precision: str, *, per_example: bool = False) -> str:
-    return choose_precision(device, precision, per_example=per_example).precision
+def resolve_precision(device: torch.device, precision: str) -> str:
+    return choose_precision(device, precision).precision
 
 
-def autocast_for(device: torch.device, precision: str, *,
-                 per_example: bool = False) -> Callable[[], contextlib.AbstractContextManager]:
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of bf16 autocast contexts where `choose_precision` says bf16, else of null contexts.
 
     An explicit bf16 on a CPU without native bf16 still runs, with a warning: the user asked for it.
     """
-    choice = choose_precision(device, precision, per_example=per_example)
+    choice = choose_precision(device, precision)
     if choice.precision == "fp32":
         return contextlib.nullcontext
     if device.type == "cpu" and not cpu_info().native_bf16:

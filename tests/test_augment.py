@@ -207,3 +207,14 @@ def test_random_grayscale_turns_about_p_of_the_images_grey():
     assert 0.18 < grey.float().mean() < 0.32
     torch.testing.assert_close(out[grey][:, 0], (0.299 * x[grey][:, 0] + 0.587 * x[grey][:, 1] + 0.114 * x[grey][:, 2]))
     assert torch.equal(out[~grey], x[~grey])
+
+
+def test_alternate_flip_mirrors_the_images_the_mask_names_and_at_random_without_it():
+    x = _batch(torch.float32, n=6)
+    augment = Augment(flip=True, alternate_flip=True)
+    which = torch.tensor([True, False, False, True, True, False])
+    y = augment(x, _seeded(), which)
+    assert torch.equal(y[which], x[which].flip(-1)) and torch.equal(y[~which], x[~which])
+    assert torch.equal(augment(x, _seeded(3)), Augment(flip=True)(x, _seeded(3)))  # as in a loader's first epoch
+    with pytest.raises(ConfigError, match="alternate_flip needs flip"):
+        Augment(alternate_flip=True)

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from cifarlab.config import RECIPES_DIR, RunConfig, list_recipes, load_recipe, merge
 from cifarlab.errors import ConfigError
@@ -127,3 +128,13 @@ def test_eval_every_is_a_count_of_epochs_and_0_means_the_last_only():
         RunConfig.from_dict({"train": {"eval_every": -1}})
     with pytest.raises(ConfigError, match="train.eval_every must be an integer"):
         RunConfig.from_dict({"train": {"eval_every": True}})
+
+
+@pytest.mark.parametrize(("section", "expected"), [({}, "bf16"), ({"dp": {"enabled": True, "noise_multiplier": 1.0}}, "fp32"),
+                                                   ({"uncertainty": {"method": "sgld-dp"}}, "fp32")])
+def test_precision_on_a_native_bf16_cpu_keeps_per_example_clipping_in_fp32(monkeypatch, section, expected):
+    from cifarlab import hardware
+
+    monkeypatch.setattr(hardware, "cpu_info", lambda: hardware.CpuInfo(model="x", flags=frozenset({"avx512_bf16"})))
+    config = RunConfig.from_dict(merge({"train": {"precision": "auto"}}, section))
+    assert config.precision_on(torch.device("cpu")).precision == expected

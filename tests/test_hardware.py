@@ -131,7 +131,5 @@ def test_auto_keeps_dp_sgd_in_fp32_on_a_cpu_with_native_bf16_but_bf16_asked_for_
     fake_cpu(AVX512_BF16)
     choice = hardware.choose_precision(CPU, "auto", per_example=True)
     assert choice.precision == "fp32" and "DP-SGD" in choice.reason
-    with hardware.autocast_for(CPU, "auto", per_example=True)():
-        assert not torch.is_autocast_enabled("cpu")
     assert hardware.choose_precision(CPU, "bf16", per_example=True).precision == "bf16"
     assert hardware.choose_precision(CPU, "auto").precision == "bf16"  # plain training keeps native bf16

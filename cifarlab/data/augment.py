@@ -69,8 +69,12 @@ def random_translate(x: Tensor, max_shift: int, *, generator: torch.Generator) -
 
 def random_flip(x: Tensor, *, generator: torch.Generator) -> Tensor:
     """Flip each image left-right with probability 0.5."""
-    flip = torch.rand(len(x), generator=generator, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return mirror(x, torch.rand(len(x), generator=generator, device=x.device) < 0.5)
+
+
+def mirror(x: Tensor, which: Tensor) -> Tensor:
+    """Flip left-right the images where the bool (B,) mask `which` is true."""
+    return torch.where(which[:, None, None, None], x.flip(-1), x)
 
 
 def _sample_centres(x: Tensor, *, generator: torch.Generator) -> Tensor:
@@ -106,29 +110,40 @@ def cutout(x: Tensor, size: int, *, generator: torch.Generator) -> Tensor:
 
 @dataclass(frozen=True)
 class Augment:
-    """The training augmentation, applied in the order crop, translate, flip, cutout."""
+    """The training augmentation, applied in the order crop, translate, flip, cutout.
+
+    `alternate_flip` (Jordan 2024, arXiv:2404.00498, "derandomized flipping"): the loader mirrors each training image
+    in every other epoch instead of in a random half of them, by passing `flips` (BatchLoader.flips); without that
+    mask flips are random, as they are in the first epoch."""
 
     crop_padding: int = 0
     pad_mode: str = "zero"
     translate: int = 0
     flip: bool = False
+    alternate_flip: bool = False
     cutout: int = 0
 
     def __post_init__(self) -> None:
         for name in ("crop_padding", "translate", "cutout"):
             _check_size(f"augment.{name}", getattr(self, name))
         _check_pad_mode("augment.pad_mode", self.pad_mode)
-        if not isinstance(self.flip, bool):
-            raise ConfigError(f"augment.flip must be true or false, got {self.flip!r}")
+        for name in ("flip", "alternate_flip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"augment.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.alternate_flip and not self.flip:
+            raise ConfigError("augment.alternate_flip needs flip: it changes how flips are chosen, not whether")
 
     @property
     def is_identity(self) -> bool:
         return self.crop_padding == 0 and self.translate == 0 and not self.flip and self.cutout == 0
 
-    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(self, x: Tensor, generator: torch.Generator, flips: Tensor | None = None) -> Tensor:
+        """`flips`: a bool (B,) mask of the images to mirror (alternate_flip); None: a random half."""
         x = random_crop(x, self.crop_padding, mode=self.pad_mode, generator=generator)
         x = random_translate(x, self.translate, generator=generator)
-        if self.flip:
+        if self.alternate_flip and flips is not None:
+            x = mirror(x, flips)
+        elif self.flip:
             x = random_flip(x, generator=generator)
         return cutout(x, self.cutout, generator=generator)
 

@@ -26,6 +26,8 @@ class BatchLoader:
     example joins each batch independently with probability batch_size / N, as DP-SGD's guarantee assumes;
     batches then vary in size and may be empty). `views` > 1 yields each example's augmented views next to each
     other: x is (B * views, ...) with rows [i * views, (i + 1) * views) the views of example i, and y repeats.
+    With an augmentation whose `alternate_flip` is set, `flip_seed` draws the half of the images mirrored in epoch 0
+    (see `flips`).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class BatchLoader:
         sampling: str = "sequential",
         views: int = 1,
         drop_last: bool = False,
+        flip_seed: int = 0,
     ) -> None:
         if sampling not in ("shuffle", "sequential", "poisson"):
             raise ConfigError(f"sampling {sampling!r} is not valid; choose shuffle, sequential or poisson")
@@ -50,6 +53,11 @@ class BatchLoader:
         self.sampling = sampling
         self.views = views
         self.drop_last = drop_last
+        self.flip_seed = flip_seed
+        self.flip_parity: Tensor | None = None  # per example: mirrored in even epochs
+        if getattr(augment, "alternate_flip", False):  # an Augment; other augmentations (randp's views) flip at random
+            drawn = torch.rand(len(self.labels), generator=torch.Generator().manual_seed(flip_seed)) < 0.5
+            self.flip_parity = drawn.to(self.labels.device)
 
     @property
     def num_examples(self) -> int:
@@ -66,21 +74,34 @@ class BatchLoader:
             return max(1, round(1 / self.sample_rate))
         return n // b if self.drop_last and n >= b else -(-n // b)
 
-    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, generator: torch.Generator | None = None, epoch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch's batches; `epoch` (0-based) matters only to alternating flips."""
         for index in self._indices(generator):
-            yield self.transform(self.images[index], generator), self.labels[index].repeat_interleave(self.views)
+            x = self.transform(self.images[index], generator, self.flips(index, epoch))
+            yield x, self.labels[index].repeat_interleave(self.views)
 
-    def transform(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> float, augmented (`views` times per image), normalised and resized to the
-        preprocessor's input size. Float inputs are a model's precomputed frozen prefix (see
-        train.run.precompute_frozen_prefix), final already."""
+    def flips(self, index: Tensor, epoch: int) -> Tensor | None:
+        """Alternating flips: which rows of the batch of examples `index` to mirror in `epoch` (None: flips are
+        random or off). An image is mirrored in every other epoch, from a random half of the images in epoch 0, and
+        its views within an epoch alternate too, so with 2 views it is seen once each way."""
+        if self.flip_parity is None:
+            return None
+        parity = self.flip_parity[index].repeat_interleave(self.views)
+        view = torch.arange(self.views, device=index.device).repeat(len(index))
+        return parity ^ ((view + epoch) % 2).bool()
+
+    def transform(self, images: Tensor, generator: torch.Generator | None = None,
+                  flips: Tensor | None = None) -> Tensor:
+        """uint8 (B, 3, H, W) -> float, augmented (`views` times per image; `flips` as `Augment` takes it),
+        normalised and resized to the preprocessor's input size. Float inputs are a model's precomputed frozen
+        prefix (see train.run.precompute_frozen_prefix), final already."""
         if images.is_floating_point():
             return images.repeat_interleave(self.views, dim=0) if self.views > 1 else images
         x = to_float(images)
         if self.views > 1:
             x = x.repeat_interleave(self.views, dim=0)
         if self.augment is not None and not self.augment.is_identity:
-            x = self.augment(x, generator)
+            x = self.augment(x, generator) if flips is None else self.augment(x, generator, flips)
         return self.preprocess(x)
 
     def _indices(self, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
@@ -141,7 +162,8 @@ def prepare_data(
         return Split(images=split.images.to(device), labels=split.labels.to(device))
 
     train_loader = BatchLoader(
-        on_device(train), batch_size=batch_size, preprocess=preprocess, augment=augment, sampling=sampling, views=views
+        on_device(train), batch_size=batch_size, preprocess=preprocess, augment=augment, sampling=sampling, views=views,
+        flip_seed=seed,
     )
     evals = {} if val is None else {"val": on_device(val)}
     evals["test"] = on_device(test)
@@ -154,7 +176,7 @@ def prepare_data(
 def augment_from_config(config: DataConfig) -> Augment:
     """The training augmentation a data config asks for."""
     return Augment(crop_padding=config.crop_padding, pad_mode=config.pad_mode, translate=config.translate,
-                   flip=config.flip, cutout=config.cutout)
+                   flip=config.flip, alternate_flip=config.alternate_flip, cutout=config.cutout)
 
 
 def select_classes(dataset: Dataset, keep: list[int] | None) -> tuple[Split, Split, tuple[str, ...]]:

@@ -297,7 +297,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
 
     private_loader = BatchLoader(Split(images=loader.images, labels=loader.labels), batch_size=loader.batch_size,
                                  preprocess=loader.preprocess, augment=loader.augment,
-                                 sampling="poisson" if poisson else "shuffle", views=augmult)
+                                 sampling="poisson" if poisson else "shuffle", views=augmult,
+                                 flip_seed=loader.flip_seed)
     sample_rate = private_loader.sample_rate
     prior = ()
     if unfitted_data_norm(model):

@@ -36,7 +36,7 @@ from cifarlab.data.loader import BatchLoader
 from cifarlab.errors import ConfigError
 from cifarlab.io import write_csv
 from cifarlab.report.run_report import format_table
-from cifarlab.hardware import machine_name, resolve_device, resolve_precision
+from cifarlab.hardware import machine_name, resolve_device
 from cifarlab.train.run import build_data, build_run
 
 COLUMNS = (
@@ -55,9 +55,10 @@ class TimedLoader(BatchLoader):
         vars(self).update(vars(loader))  # the same tensors and preprocessing
         self.seconds: list[float] = []
 
-    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, generator: torch.Generator | None = None,
+                epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start = time.perf_counter()
-        yield from super().batches(generator)
+        yield from super().batches(generator, epoch)
         if self.labels.device.type == "cuda":
             torch.cuda.synchronize()  # the last batch's forward has been queued, not finished
         self.seconds.append(time.perf_counter() - start)
@@ -105,7 +106,7 @@ def train_once(config: RunConfig, *, eval_from: int = 1) -> dict[str, Any]:
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "machine": machine_name(device),
-        "precision": resolve_precision(device, config.train.precision, per_example=config.clips_per_example),
+        "precision": config.precision_on(device).precision,
         "data_source": data.source,
         "epsilon": run.variant.epsilon() if config.dp.enabled else None,
     }

@@ -94,8 +94,9 @@ class ShardedLoader(BatchLoader):
         vars(self).update(vars(loader))  # the same images, preprocessing and augmentation; no tensor is copied
         self.rank, self.world_size = rank, world_size
 
-    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in super().batches(generator):
+    def batches(self, generator: torch.Generator | None = None,
+                epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in super().batches(generator, epoch):
             examples = len(y) // self.views
             # DDP needs an example on every rank: a last shuffled batch too small for that is skipped
             if examples < self.world_size and self.sampling != "poisson":

@@ -159,7 +159,7 @@ class _Loop:
         forward_model = distributed.wrap_model(model, optimizer=variant.optimizer)
         self.forward_model = torch.compile(forward_model) if config.train.compile else forward_model
         self.train_loader = distributed.shard_loader(data.train)  # this rank's slice of every batch
-        self.autocast = autocast_for(device, config.train.precision, per_example=config.clips_per_example)
+        self.autocast = autocast_for(device, config.precision_on(device).precision)
         self.history: list[dict[str, float | None]] = []
         self.start_epoch, self.best_score, self.train_seconds = 0, -math.inf, 0.0
         # Without a validation set the test set must not pick the epoch (that would be optimistic): the last is "best".
@@ -185,7 +185,7 @@ class _Loop:
         loss_sum, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
         lr = self.variant.optimizer.param_groups[0]["lr"]
-        for x, y in self.train_loader.batches(generator):
+        for x, y in self.train_loader.batches(generator, epoch):
             with self.autocast():
                 result = self.variant.step(self.forward_model, x.contiguous(memory_format=self.memory_format), y)
             self.scheduler.step()

@@ -42,8 +42,7 @@ def evaluate_checkpoint(
         test = test.subset(stratified_indices(test.labels, test_subset, seed=0))
     test = Split(images=test.images.to(torch_device), labels=test.labels.to(torch_device))
     loader = BatchLoader(test, batch_size=config.train.eval_batch_size, preprocess=preprocess)
-    result = evaluate(model, loader, autocast=autocast_for(torch_device, config.train.precision,
-                                                           per_example=config.clips_per_example))
+    result = evaluate(model, loader, autocast=autocast_for(torch_device, config.precision_on(torch_device).precision))
     cm = confusion_matrix(result.predictions, result.targets, len(classes))
     report = {
         "checkpoint": str(checkpoint),

@@ -21,7 +21,7 @@ from cifarlab.config import DEFAULT_DELTA, RunConfig
 from cifarlab.data.loader import BatchLoader, TrainData, prepare_data
 from cifarlab.data.sources import Split
 from cifarlab.errors import CifarlabError, ConfigError
-from cifarlab.hardware import autocast_for, choose_precision, resolve_device
+from cifarlab.hardware import autocast_for, resolve_device
 from cifarlab.io import write_json, write_yaml
 from cifarlab.metrics import confusion_matrix, per_class_accuracy
 from cifarlab.models import create_model
@@ -87,7 +87,7 @@ def precompute_frozen_prefix(model: torch.nn.Module, data: TrainData, *, progres
             start += len(chunk)
         return BatchLoader(Split(inputs, loader.labels), batch_size=loader.batch_size, preprocess=loader.preprocess,
                            augment=loader.augment, sampling=loader.sampling, views=loader.views,
-                           drop_last=loader.drop_last)
+                           drop_last=loader.drop_last, flip_seed=loader.flip_seed)
 
     evals = {name: precomputed(loader, name) for name, loader in data.evals.items()}
     return dataclasses.replace(data, train=precomputed(train, "train"), evals=evals)
@@ -232,11 +232,10 @@ def _private_training(model: nn.Module, data: TrainData, config: RunConfig, trai
 
 def summarize(result: FitResult, *, data, config: RunConfig, device: torch.device, best_epoch: int) -> dict[str, Any]:
     """The run's headline numbers, measured on the best checkpoint (best validation epoch when there is a val set)."""
-    test = evaluate(result.model, data.evals["test"],
-                    autocast=autocast_for(device, config.train.precision, per_example=config.clips_per_example))
+    precision = config.precision_on(device)
+    test = evaluate(result.model, data.evals["test"], autocast=autocast_for(device, precision.precision))
     cm = confusion_matrix(test.predictions, test.targets, len(data.classes))
     best_row = result.history[best_epoch - 1]
-    precision = choose_precision(device, config.train.precision, per_example=config.clips_per_example)
     return {
         "model": config.model.name,
         "recipe": config.recipe,
