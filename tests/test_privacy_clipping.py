@@ -118,11 +118,12 @@ def test_wide_resnet_with_weight_standardisation_matches_one_example_at_a_time()
 
 
 @pytest.mark.parametrize("views", [1, 3])
-@pytest.mark.parametrize("first", [nn.Conv2d(3, 4, 3, padding=1), WSConv2d(3, 4, 3, padding=1, bias=True)])
-def test_few_input_channel_convs_per_example_by_one_convolution(first, views):
+@pytest.mark.parametrize("make_first", [lambda: nn.Conv2d(3, 4, 3, padding=1),
+                                        lambda: WSConv2d(3, 4, 3, padding=1, bias=True)], ids=["conv", "wsconv"])
+def test_few_input_channel_convs_per_example_by_one_convolution(make_first, views):
     # an RGB input layer takes the path that convolves the inputs with the output gradients (c_in < 8, stride 1)
-    torch.manual_seed(3)
-    model = nn.Sequential(first, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    torch.manual_seed(3)  # built here, not at collection, whose global random state depends on the other test files
+    model = nn.Sequential(make_first(), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
     x, y = batch(5, views, seed=3)
     expected, norms = reference(model, x, y, max_grad_norm=0.2, views=views)
     result = clipped_grad_sum(model, x, y, max_grad_norm=0.2, views=views)
@@ -132,8 +133,9 @@ def test_few_input_channel_convs_per_example_by_one_convolution(first, views):
 
 
 @pytest.mark.parametrize("views", [1, 3])
-@pytest.mark.parametrize("first", [nn.Conv2d(3, 4, 3, padding=1), WSConv2d(3, 4, 5, padding=(2, 1), bias=True)])
-def test_few_channel_convs_per_example_by_the_compiled_kernel(monkeypatch, first, views):
+@pytest.mark.parametrize("make_first", [lambda: nn.Conv2d(3, 4, 3, padding=1),
+                                        lambda: WSConv2d(3, 4, 5, padding=(2, 1), bias=True)], ids=["conv", "wsconv"])
+def test_few_channel_convs_per_example_by_the_compiled_kernel(monkeypatch, make_first, views):
     # few input and output channels: the compiled multiply-and-sum, 5 examples in chunks of 2 (the last padded)
     monkeypatch.setattr(clipping, "_DIRECT_MIN_FLOPS", 0)
     monkeypatch.setattr(clipping, "_DIRECT_CHUNK", 2)
@@ -142,8 +144,8 @@ def test_few_channel_convs_per_example_by_the_compiled_kernel(monkeypatch, first
     outputs = []
     direct = clipping._direct_per_example
     monkeypatch.setattr(clipping, "_direct_per_example", lambda *args: outputs.append(direct(*args)) or outputs[-1])
-    torch.manual_seed(6)
-    model = nn.Sequential(first, nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    torch.manual_seed(6)  # built here, not at collection, whose global random state depends on the other test files
+    model = nn.Sequential(make_first(), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
     x, y = batch(5, views, seed=6)
     model(x)  # sizes the linear layer
     expected, norms = reference(model, x, y, max_grad_norm=0.2, views=views)
@@ -155,7 +157,7 @@ def test_few_channel_convs_per_example_by_the_compiled_kernel(monkeypatch, first
     assert all(torch.equal(a, b) for a, b in zip(result.grads, again.grads))  # a seed fixes a CPU run
     if kernel.failed:  # warned, and fell back to the convolution (checked above)
         pytest.skip("torch.compile cannot build its C++ kernel on this machine")
-    assert outputs and outputs[0].shape == (5, *first.weight.shape)  # it ran
+    assert outputs and outputs[0].shape == (5, *model[0].weight.shape)  # it ran
 
 
 def broken_compile(function, **options):
