@@ -55,6 +55,8 @@ _VALUE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--muon-lr", "optim.muon_lr", float, "optimizer muon: learning rate of the hidden weights (--lr: head, norms, "
      "biases)"),
     ("--momentum", "optim.momentum", float, "SGD momentum"),
+    ("--muon-momentum", "optim.muon_momentum", float, "optimizer muon: momentum of the hidden weights (default: "
+     "--momentum)"),
     ("--weight-decay", "optim.weight_decay", float, "weight decay (L2)"),
     ("--weight-decay-on", "optim.weight_decay_on", DECAYED, "all parameters, or weights only (not norm layers, biases)"),
     ("--schedule", "optim.schedule", SCHEDULES, "learning-rate schedule"),

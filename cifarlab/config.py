@@ -141,6 +141,7 @@ class OptimConfig:
     # hidden weights all feed a normalisation layer (their scale is then free; the weight decay is not applied)
     muon_normalize: bool = False
     momentum: float = 0.9
+    muon_momentum: float | None = None  # optimizer muon: the hidden weights' momentum (None: momentum)
     nesterov: bool = False
     weight_decay: float = 5e-4
     weight_decay_on: str = "all"  # or "weights": no decay on parameters with < 2 dims (norm layers, biases)
@@ -158,6 +159,11 @@ class OptimConfig:
         _choice("optim.weight_decay_on", self.weight_decay_on, DECAYED)
         _positive("optim.lr", self.lr)
         _positive("optim.muon_lr", self.muon_lr)
+        if self.muon_momentum is not None:
+            if self.optimizer != "muon":
+                raise ConfigError(f"optim.muon_momentum needs optimizer 'muon', got {self.optimizer!r}")
+            if not 0 <= self.muon_momentum < 1:
+                raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         _at_least("optim.weight_decay", self.weight_decay, 0)
         _at_least("optim.warmup_epochs", self.warmup_epochs, 0)
         _at_least("optim.step_size", self.step_size, 1)

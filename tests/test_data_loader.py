@@ -71,3 +71,14 @@ def test_data_config_alternate_flip_needs_flip():
     with pytest.raises(ConfigError, match="data.alternate_flip .* needs data.flip"):
         DataConfig(flip=False, alternate_flip=True).validate()
     assert augment_from_config(DataConfig(alternate_flip=True)).alternate_flip
+
+
+def test_replace_keeps_every_setting_it_is_not_given_and_the_flip_pattern():
+    loader = _loader(views=2, flip_seed=3)
+    derived = loader.replace(sampling="poisson", views=1)
+    assert (derived.sampling, derived.views) == ("poisson", 1)
+    assert (derived.batch_size, derived.preprocess, derived.augment, derived.drop_last, derived.flip_seed) == (
+        loader.batch_size, loader.preprocess, loader.augment, loader.drop_last, 3)
+    assert torch.equal(derived.flip_parity, loader.flip_parity) and derived.images is loader.images
+    other = Split(loader.images[:10], loader.labels[:10])
+    assert loader.replace(other).num_examples == 10

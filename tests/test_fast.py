@@ -157,10 +157,27 @@ def test_compiled_training_ticks_lookahead_eagerly_and_eval_only_use_skips_dynam
     ({"lookahead_every": -1}, "lookahead_every"),
     ({"lookahead_alpha": 0.0}, "lookahead_alpha"),
     ({"dropout": 1.0}, "fast: dropout must be a probability"),
+    ({"identity_init": "yes"}, "identity_init must be true or false"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, words):
     with pytest.raises(ConfigError, match=words):
         fast(**kwargs)
+
+
+def test_identity_init_makes_each_conv_pass_its_input_channels_through_at_the_centre_tap():
+    torch.manual_seed(0)
+    model = fast(width1=8, width2=16, width3=16, identity_init=True, lookahead_every=0, tta=0)
+    convs = [m for m in model.blocks if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        out_ch, in_ch = conv.weight.shape[:2]
+        x = torch.randn(2, in_ch, 5, 5)
+        passed = min(out_ch, in_ch)
+        torch.testing.assert_close(conv(x)[:, :passed], x[:, :passed])  # identity filters, zero elsewhere
+        if out_ch > in_ch:
+            assert conv.weight[in_ch:].abs().sum() > 0  # the extra filters keep their random start
+    plain = fast(width1=8, width2=16, width3=16, lookahead_every=0, tta=0)
+    conv = next(m for m in plain.blocks if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight[0, 0, 1, 1] != 1.0
 
 
 @pytest.mark.parametrize("name", ["fast-cpu", "fast-cpu90", "fast-gpu94", "fast-gpu95", "fast-gpu96"])

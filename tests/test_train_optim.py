@@ -84,3 +84,17 @@ def test_muon_normalize_drops_the_hidden_weights_decay_and_needs_muon():
     assert not head["normalize"] and head["weight_decay"] == 5e-4
     with pytest.raises(ConfigError, match="muon_normalize needs optimizer 'muon'"):
         RunConfig.from_dict({"optim": {"optimizer": "sgd", "muon_normalize": True}})
+
+
+def test_muon_momentum_applies_to_the_hidden_weights_only_and_is_validated():
+    model = create_model("fast", num_classes=3, width1=8, width2=8, width3=16, lookahead_every=0, tta=0)
+    hidden, head, vectors = build_optimizer(
+        model, OptimConfig(optimizer="muon", momentum=0.85, muon_momentum=0.6)).param_groups
+    assert hidden["momentum"] == 0.6 and head["momentum"] == vectors["momentum"] == 0.85
+    default, _, _ = build_optimizer(model, OptimConfig(optimizer="muon", momentum=0.85)).param_groups
+    assert default["momentum"] == 0.85
+    with pytest.raises(ConfigError, match="muon_momentum must be in"):
+        RunConfig.from_dict({"optim": {"optimizer": "muon", "muon_momentum": 1.0}})
+    with pytest.raises(ConfigError, match="muon_momentum needs optimizer 'muon'"):
+        RunConfig.from_dict({"optim": {"optimizer": "sgd", "muon_momentum": 0.5}})
+

@@ -7,7 +7,7 @@ dominate the step time of small models (see benchmarks/pipeline_speed.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -58,6 +58,13 @@ class BatchLoader:
         if getattr(augment, "alternate_flip", False):  # an Augment; other augmentations (randp's views) flip at random
             drawn = torch.rand(len(self.labels), generator=torch.Generator().manual_seed(flip_seed)) < 0.5
             self.flip_parity = drawn.to(self.labels.device)
+
+    def replace(self, split: Split | None = None, **changes: Any) -> BatchLoader:
+        """A loader with this one's settings but for `changes` (constructor arguments), over `split` (default: the
+        same images), so that a loader derived from another keeps every setting, the flip pattern included."""
+        settings = dict(batch_size=self.batch_size, preprocess=self.preprocess, augment=self.augment,
+                        sampling=self.sampling, views=self.views, drop_last=self.drop_last, flip_seed=self.flip_seed)
+        return BatchLoader(split or Split(self.images, self.labels), **{**settings, **changes})
 
     @property
     def num_examples(self) -> int:

@@ -10,6 +10,8 @@ Written from the paper's ideas, not its code:
 - lookahead (Zhang et al. 2019, arXiv:1907.08610) kept inside the model, like BatchNorm's running statistics, so
   the one training engine needs no special case: every `lookahead_every` training forwards the weights move to a
   slow copy that trails them;
+- optionally (`identity_init`) each conv starts as a partial identity, as airbench's do: its first min(in, out)
+  filters copy their input channel (a Dirac kernel), the others keep the default random start;
 - optional dropout on the pooled features (`dropout`, default 0), for MC dropout (cifarlab.uncertainty);
 - test-time augmentation in eval mode: the features are averaged over flipped and 1-pixel-shifted views; the head
   is linear, so this is the mean of the views' logits and `forward(x) == fc(forward_features(x))` still holds.
@@ -58,9 +60,12 @@ def _disable_compile_lazily(method: Callable) -> Callable:
     return call
 
 
-def conv_bn_gelu(in_ch: int, out_ch: int, *, pool: bool) -> list[nn.Module]:
+def conv_bn_gelu(in_ch: int, out_ch: int, *, pool: bool, identity_init: bool) -> list[nn.Module]:
     """conv3x3 (-> maxpool 2) -> BN -> GELU; pooling before BN does the normalisation on 4x fewer values."""
     conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+    if identity_init:  # the first min(in, out) filters pass their input channel through; the rest stay random
+        with torch.no_grad():
+            nn.init.dirac_(conv.weight[:in_ch])
     return [conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(out_ch, momentum=BN_MOMENTUM), nn.GELU()]
 
 
@@ -80,7 +85,7 @@ class FastNet(CifarModel):
     """Patch whitening (frozen) -> 3 conv blocks (each halves the resolution) -> global max pool -> linear."""
 
     def __init__(self, *, widths: tuple[int, int, int], convs_per_block: int, lookahead_every: int,
-                 lookahead_alpha: float, tta: int, dropout: float, num_classes: int) -> None:
+                 lookahead_alpha: float, tta: int, dropout: float, identity_init: bool, num_classes: int) -> None:
         super().__init__()
         if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
             raise ConfigError(f"fast: widths must be positive integers, got {widths}")
@@ -92,6 +97,8 @@ class FastNet(CifarModel):
             raise ConfigError(f"fast: lookahead_alpha must be in (0, 1], got {lookahead_alpha!r}")
         if tta not in TTA_LEVELS or isinstance(tta, bool):
             raise ConfigError(f"fast: tta must be one of {TTA_LEVELS} (none, mirror, mirror + shifts), got {tta!r}")
+        if not isinstance(identity_init, bool):
+            raise ConfigError(f"fast: identity_init must be true or false, got {identity_init!r}")
         self.tta = tta
         self.lookahead_every = lookahead_every
         self.lookahead_alpha = float(lookahead_alpha)
@@ -102,9 +109,9 @@ class FastNet(CifarModel):
         layers: list[nn.Module] = []
         in_ch = 2 * PATCH_DIM
         for width in widths:
-            layers += conv_bn_gelu(in_ch, width, pool=True)
+            layers += conv_bn_gelu(in_ch, width, pool=True, identity_init=identity_init)
             for _ in range(convs_per_block - 1):
-                layers += conv_bn_gelu(width, width, pool=False)
+                layers += conv_bn_gelu(width, width, pool=False, identity_init=identity_init)
             in_ch = width
         self.blocks = nn.Sequential(*layers)
         self.dropout = nn.Dropout(check_dropout(dropout, name="fast: dropout"))
@@ -173,7 +180,9 @@ class FastNet(CifarModel):
 
 @register_model
 def fast(*, num_classes: int = 10, width1: int = 64, width2: int = 256, width3: int = 256, convs_per_block: int = 2,
-         lookahead_every: int = 5, lookahead_alpha: float = 0.5, tta: int = 2, dropout: float = 0.0) -> FastNet:
+         lookahead_every: int = 5, lookahead_alpha: float = 0.5, tta: int = 2, dropout: float = 0.0,
+         identity_init: bool = False) -> FastNet:
     """airbench-style net for fast training: frozen 2x2 patch whitening, 3 conv blocks, lookahead, flip+shift TTA."""
     return FastNet(widths=(width1, width2, width3), convs_per_block=convs_per_block, lookahead_every=lookahead_every,
-                   lookahead_alpha=lookahead_alpha, tta=tta, dropout=dropout, num_classes=num_classes)
+                   lookahead_alpha=lookahead_alpha, tta=tta, dropout=dropout, identity_init=identity_init,
+                   num_classes=num_classes)

@@ -32,7 +32,6 @@ from torch import nn
 
 from cifarlab.config import DEFAULT_ACCOUNTANT, DEFAULT_DATA_NORM_CLIP, DEFAULT_DATA_NORM_NOISE, DEFAULT_DELTA
 from cifarlab.data.loader import BatchLoader
-from cifarlab.data.sources import Split
 from cifarlab.errors import ConfigError
 from cifarlab.models.per_example import prepare_model, privacy_problems
 from cifarlab.models.scatter import unfitted_data_norm
@@ -295,10 +294,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
         warnings.warn(f"the input preprocessing ({loader.preprocess.kind}) was fitted on the private training images "
                       "outside DP-SGD; use data.preprocess 'none' for an end-to-end guarantee", stacklevel=2)
 
-    private_loader = BatchLoader(Split(images=loader.images, labels=loader.labels), batch_size=loader.batch_size,
-                                 preprocess=loader.preprocess, augment=loader.augment,
-                                 sampling="poisson" if poisson else "shuffle", views=augmult,
-                                 flip_seed=loader.flip_seed)
+    private_loader = loader.replace(sampling="poisson" if poisson else "shuffle", views=augmult, drop_last=False)
     sample_rate = private_loader.sample_rate
     prior = ()
     if unfitted_data_norm(model):

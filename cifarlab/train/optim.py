@@ -92,6 +92,8 @@ def muon_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     others = [p for p in params if p.ndim < 2 or id(p) in head_ids]
     no_decay = 0.0 if config.weight_decay_on == "weights" else config.weight_decay
     hidden_group = {"params": hidden, "muon": True, "lr": config.muon_lr}
+    if config.muon_momentum is not None:
+        hidden_group["momentum"] = config.muon_momentum
     if config.muon_normalize:  # the norm is held fixed, so decay would only tilt the direction
         hidden_group.update(normalize=True, weight_decay=0.0)
     return [hidden_group,

@@ -85,9 +85,7 @@ def precompute_frozen_prefix(model: torch.nn.Module, data: TrainData, *, progres
                 inputs = out.new_empty((loader.num_examples, *out.shape[1:]))
             inputs[start:start + len(chunk)] = out
             start += len(chunk)
-        return BatchLoader(Split(inputs, loader.labels), batch_size=loader.batch_size, preprocess=loader.preprocess,
-                           augment=loader.augment, sampling=loader.sampling, views=loader.views,
-                           drop_last=loader.drop_last, flip_seed=loader.flip_seed)
+        return loader.replace(Split(inputs, loader.labels))
 
     evals = {name: precomputed(loader, name) for name, loader in data.evals.items()}
     return dataclasses.replace(data, train=precomputed(train, "train"), evals=evals)
