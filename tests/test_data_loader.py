@@ -82,3 +82,5 @@ def test_replace_keeps_every_setting_it_is_not_given_and_the_flip_pattern():
     assert torch.equal(derived.flip_parity, loader.flip_parity) and derived.images is loader.images
     other = Split(loader.images[:10], loader.labels[:10])
     assert loader.replace(other).num_examples == 10
+    with pytest.raises(ConfigError, match="empty split"):  # an empty split is refused, not swapped for the images
+        loader.replace(Split(loader.images[:0], loader.labels[:0]))

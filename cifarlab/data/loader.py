@@ -64,7 +64,7 @@ class BatchLoader:
         same images), so that a loader derived from another keeps every setting, the flip pattern included."""
         settings = dict(batch_size=self.batch_size, preprocess=self.preprocess, augment=self.augment,
                         sampling=self.sampling, views=self.views, drop_last=self.drop_last, flip_seed=self.flip_seed)
-        return BatchLoader(split or Split(self.images, self.labels), **{**settings, **changes})
+        return BatchLoader(Split(self.images, self.labels) if split is None else split, **{**settings, **changes})
 
     @property
     def num_examples(self) -> int:
