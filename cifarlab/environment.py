@@ -107,7 +107,9 @@ def gather_environment(*, threads: int | str | None = None, data: str | Path | N
     places += [("$" + DATA_ENV, Path(data_env).expanduser(), True)] if data_env else []
     places += [("--data", Path(data).expanduser(), True)] if data is not None else []
     return Environment(
-        versions={"cifarlab": __version__, **{name: _version(name) for name in PACKAGES}},
+        # torch's own version string names its build (+cpu, +cu121), which the distribution's metadata may not
+        versions={"cifarlab": __version__, "torch": torch.__version__,
+                  **{name: _version(name) for name in PACKAGES if name != "torch"}},
         python=f"{platform.python_version()} ({sys.executable})",
         os=platform.platform(),
         cpu=hardware.cpu_info(),

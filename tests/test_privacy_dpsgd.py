@@ -9,7 +9,8 @@ from cifarlab.data.augment import Augment
 from cifarlab.data.loader import BatchLoader
 from cifarlab.data.preprocess import fit_preprocessor
 from cifarlab.data.sources import Split
-from cifarlab.errors import ConfigError
+from cifarlab.errors import CheckpointError, ConfigError
+from cifarlab.io import load_tensors, save_tensors
 from cifarlab.privacy import accounting
 from cifarlab.privacy.dpsgd import ParamEMA, make_private, prepare_model
 
@@ -122,15 +123,19 @@ def test_target_epsilon_run_ends_at_or_below_target():
     assert 3.9 <= private.epsilon() <= 4.0
 
 
-def test_state_roundtrip_resumes_the_accountant():
+def test_state_roundtrip_resumes_the_accountant(tmp_path):
     private = private_setup(ema=0.9)
     x, y = next(iter(private.loader.batches(torch.Generator().manual_seed(0))))
     private.step(private.model, x, y)
     private.on_epoch_end(0, private.model)
+    # through a file, as a checkpoint goes: only tensors and plain values, which weights_only loading accepts
+    save_tensors(tmp_path / "state.pt", private.state_dict())
     again = private_setup(ema=0.9)
-    again.load_state_dict(private.state_dict())
+    again.load_state_dict(load_tensors(tmp_path / "state.pt", what="state"))
     assert again.steps == 1 and again.epsilon() == private.epsilon()
     assert torch.equal(again.eval_model[0].weight, private.eval_model[0].weight)
+    with pytest.raises(CheckpointError, match="'rdp' accountant, this run uses 'prv'"):
+        private_setup(ema=0.9, accountant="prv").load_state_dict(private.state_dict())
 
 
 def test_ema_matches_the_formula():

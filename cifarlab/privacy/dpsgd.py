@@ -32,7 +32,7 @@ from torch import nn
 
 from cifarlab.config import DEFAULT_ACCOUNTANT, DEFAULT_DATA_NORM_CLIP, DEFAULT_DATA_NORM_NOISE, DEFAULT_DELTA
 from cifarlab.data.loader import BatchLoader
-from cifarlab.errors import ConfigError
+from cifarlab.errors import CheckpointError, ConfigError
 from cifarlab.models.per_example import prepare_model, privacy_problems
 from cifarlab.models.scatter import unfitted_data_norm
 from cifarlab.privacy import accounting, datanorm
@@ -235,7 +235,11 @@ class PrivateTraining:
 
     def state_dict(self) -> dict[str, Any]:
         """For checkpoints and resume: the accountant's history, the clipping counts (and the EMA weights)."""
-        state: dict[str, Any] = {"accountant": dict(self.accountant.state_dict()),
+        # The history and the mechanism's name, not Opacus's own state_dict: before Opacus 1.6 that held the
+        # mechanism as a bound method, which weights_only loading refuses.
+        accountant = {"history": [tuple(entry) for entry in self.accountant.history],
+                      "mechanism": self.accountant.mechanism()}
+        state: dict[str, Any] = {"accountant": accountant,
                                  "epsilon_history": list(self.epsilon_history),
                                  "clipped": int(self.clipped), "examples": self.examples}
         if self.ema is not None:
@@ -243,7 +247,11 @@ class PrivateTraining:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.accountant.load_state_dict(state["accountant"])
+        saved = state["accountant"]
+        if saved["mechanism"] != self.accountant.mechanism():
+            raise CheckpointError(f"the checkpoint's privacy accounting used the {saved['mechanism']!r} accountant, "
+                                  f"this run uses {self.accountant.mechanism()!r}; resume with the same accountant")
+        self.accountant.history = [tuple(entry) for entry in saved["history"]]
         self.epsilon_history = list(state["epsilon_history"])
         self.clipped, self.examples = (state["clipped"], state["examples"]) if distributed.context().is_main else (0, 0)
         if self.ema is not None:
