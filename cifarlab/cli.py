@@ -192,7 +192,12 @@ def add_training_flags(parser: argparse.ArgumentParser, *, section: str | None =
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Recipe (or defaults) overlaid with the flags the user gave, validated once."""
     base = load_recipe(args.recipe) if args.recipe else {}
-    config = RunConfig.from_dict(merge(base, _flag_overrides(args)), source=args.recipe or "flags")
+    overrides = _flag_overrides(args)
+    config = RunConfig.from_dict(merge(base, overrides), source=args.recipe or "flags")
+    # muon_lr has a default, so the config cannot tell a flag that the optimizer ignores from no flag
+    if "muon_lr" in overrides.get("optim", {}) and config.optim.optimizer != "muon":
+        raise ConfigError(f"--muon-lr applies to optimizer muon only; this run's optimizer is "
+                          f"{config.optim.optimizer!r} (add --optimizer muon, or drop --muon-lr)")
     if config.train.tensorboard:  # an optional dependency: missing, say so before the data loads
         from cifarlab.train.tracking import require_tensorboard
 
@@ -229,6 +234,8 @@ def _int_list(text: str) -> list[int]:
     try:
         for part in text.split(","):
             low, sep, high = part.partition("-")
+            if sep and int(high) < int(low):
+                raise argparse.ArgumentTypeError(f"the range {part!r} in {text!r} runs backwards; write {high}-{low}")
             values.extend(range(int(low), int(high) + 1) if sep else [int(low)])
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 0-4 or 5,6,9, got {text!r}") from None
@@ -589,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     except CifarlabError as error:
         print(f"cifarlab: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the machine's doing (a full disk, a folder that cannot be made), not a bug to trace
+        print(f"cifarlab: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("cifarlab: interrupted; the run folder keeps its last completed epoch (use --resume)", file=sys.stderr)
         return 130

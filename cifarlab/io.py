@@ -40,6 +40,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def check_writable_folder(path: str | Path, *, what: str) -> None:
+    """Refuse, before any work, an output folder that cannot be made: its nearest existing ancestor must be a
+    folder this process may write into (or the folder itself exists and is writable)."""
+    from cifarlab.errors import CifarlabError
+
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise CifarlabError(f"cannot write the {what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CifarlabError(f"cannot write the {what} {path}: no permission to write in {existing}")
+
+
 def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 

@@ -152,6 +152,7 @@ def test_models_and_recipes_list_one_line_each(capsys):
         (["train", "--image-size", "0", "--data", "/nonexistent"], "data.image_size must be an integer >= 8"),
         (["train", "--image-size", "-5", "--data", "/nonexistent"], "got -5"),
         (["eval", "--checkpoint", "/nonexistent/best.pt"], "checkpoint /nonexistent/best.pt does not exist"),
+        (["train", "--classes", "0,4-1"], "the range '4-1' in '0,4-1' runs backwards; write 1-4"),
     ],
 )
 def test_bad_input_gets_a_specific_error(argv, message, capsys):
@@ -376,3 +377,31 @@ def test_continual_novelty_flags_reach_the_config_and_bad_scores_stop_before_any
     assert "'odin' is not valid; choose one of: mahalanobis, relative-mahalanobis, knn" in capsys.readouterr().err
     assert main(["continual", "--run", missing, "--novelty-score", "all"]) == 2
     assert "needs a feature bank" in capsys.readouterr().err
+
+
+def test_continual_refuses_a_bad_plan_layer_or_folder_before_the_backbone_trains(small_cifar: Path, tmp_path: Path,
+                                                                                  capsys, monkeypatch):
+    from cifarlab.continual import protocol
+
+    monkeypatch.setattr(protocol, "train_base", lambda *a, **k: pytest.fail("the backbone must not train"))
+    common = ["continual", "--data", str(small_cifar), "--model", "fast", "--model-arg", "width1=8",
+              "--model-arg", "width2=8", "--model-arg", "width3=8", "--no-progress", "--base-classes", "0-4"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for extra, message in [
+        (["--increments", "4,5"], "increment class 4 (deer) is already learned: it is a base class"),
+        (["--layer", "blocks.99"], "model has no layer 'blocks.99'; layers: penultimate, blocks, blocks.0,"),
+        (["--continual-out", str(a_file / "out")], f"cannot write the continual output folder {a_file / 'out'}"),
+    ]:
+        assert main(common + extra) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_run_folder_and_flag_mistakes_stop_before_any_work(tmp_path: Path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    missing = str(tmp_path / "no-data")  # never read: the mistakes are found first
+    assert main(["train", "--data", missing, "--out", str(a_file / "run")]) == 2
+    assert f"cannot write the run folder {a_file / 'run'}: {a_file} is a file, not a folder" in capsys.readouterr().err
+    assert main(["train", "--data", missing, "--optimizer", "sgd", "--muon-lr", "0.1"]) == 2
+    assert "--muon-lr applies to optimizer muon only; this run's optimizer is 'sgd'" in capsys.readouterr().err

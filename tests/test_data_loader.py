@@ -5,9 +5,9 @@ import torch
 
 from cifarlab.config import DataConfig
 from cifarlab.data.augment import Augment
-from cifarlab.data.loader import BatchLoader, augment_from_config
+from cifarlab.data.loader import BatchLoader, augment_from_config, select_classes
 from cifarlab.data.preprocess import fit_preprocessor
-from cifarlab.data.sources import Split
+from cifarlab.data.sources import Dataset, Split
 from cifarlab.errors import ConfigError
 
 
@@ -84,3 +84,32 @@ def test_replace_keeps_every_setting_it_is_not_given_and_the_flip_pattern():
     assert loader.replace(other).num_examples == 10
     with pytest.raises(ConfigError, match="empty split"):  # an empty split is refused, not swapped for the images
         loader.replace(Split(loader.images[:0], loader.labels[:0]))
+
+
+@pytest.mark.parametrize("keep", [[], [0, 0], [3]], ids=["none", "repeated", "out-of-range"])
+def test_select_classes_refuses_an_empty_repeated_or_unknown_list(keep):
+    images = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
+    split = Split(images, torch.tensor([0, 1, 2, 0, 1, 2]))
+    dataset = Dataset(name="cifar10", classes=("a", "b", "c"), train=split, test=split, source="test")
+    with pytest.raises(ConfigError, match=r"data.classes .* must be one or more distinct class indices in 0..2"):
+        select_classes(dataset, keep)
+    train, _, classes = select_classes(dataset, [2, 0])
+    assert classes == ("c", "a") and train.labels.tolist() == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train_subset": 61}, "data.train_subset is 61, more than the 60 training images of image-folder:"),
+    ({"test_subset": 16}, "data.test_subset is 16, more than the 15 test images of image-folder:"),
+    ({"classes": [0, 2], "train_subset": 41}, "more than the 40 training images of image-folder:.* \\(data.classes"),
+    ({"val_size": 60}, "data.val_size 60 must leave training images: 60 training images of image-folder:"),
+    ({"train_subset": 30, "val_size": 30}, "data.val_size 30 must leave training images: 30 training images"),
+], ids=["train-subset", "test-subset", "subset-of-classes", "val-size", "val-size-of-subset"])  # fmt: skip
+def test_subsets_larger_than_the_data_are_refused_by_field(tmp_path, changes, message):
+    from helpers import write_image_folder
+
+    from cifarlab.data.loader import prepare_data
+
+    root = write_image_folder(tmp_path / "images")  # 3 classes, 20 training and 5 test images each
+    config = DataConfig(path=str(root), download=False, **changes)
+    with pytest.raises(ConfigError, match=message):
+        prepare_data(config, device=torch.device("cpu"), seed=0, batch_size=10, eval_batch_size=10, progress=False)

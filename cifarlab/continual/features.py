@@ -98,6 +98,13 @@ def describe_backbone(model: nn.Module, preprocess: Preprocessor, *, layer: str 
                     layer_views="mean" if layer else "", checkpoint=checkpoint)
 
 
+def check_layers(model: nn.Module, layer: str | None) -> None:
+    """Raise ConfigError naming the first module of `layer` (see `parse_layers`) that `model` lacks."""
+    for name in parse_layers(layer):
+        if name != PENULTIMATE:
+            _find_layer(model, name)
+
+
 def _find_layer(model: nn.Module, layer: str) -> nn.Module:
     modules = dict(model.named_modules())
     if layer not in modules or layer == "":

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from cifarlab.config import PRECISIONS, RunConfig, merge
 from cifarlab.continual.classifiers import METHODS, MethodOptions, fit
-from cifarlab.continual.features import FEATURE_BATCH_SIZE, describe_backbone, extract_features
+from cifarlab.continual.features import FEATURE_BATCH_SIZE, check_layers, describe_backbone, extract_features
 from cifarlab.continual.metrics import auroc, average_incremental_accuracy, forgetting, fpr95, seen_accuracy
 from cifarlab.continual.novelty import (DEFAULT_KNN_K, DEFAULT_NOVELTY_SCORES, GAUSSIAN_DEFAULT, HEAD_DEFAULT,
                                         bank_scores, check_novelty_scores, classifier_scores, head_scores)
@@ -43,8 +43,9 @@ from cifarlab.data.loader import BatchLoader, TrainData, relabelling
 from cifarlab.data.preprocess import Preprocessor
 from cifarlab.data.sources import Dataset, Split, load_dataset
 from cifarlab.errors import ConfigError, DataError
-from cifarlab.io import write_json
+from cifarlab.io import check_writable_folder, write_json
 from cifarlab.metrics import accuracy, confusion_matrix, per_class_accuracy
+from cifarlab.models.registry import create_model
 from cifarlab.report.plots import plot_confusion
 from cifarlab.report.run_report import format_table
 from cifarlab.train.checkpoint import LoadedModel, load_model
@@ -123,6 +124,8 @@ def protocol_options(config: RunConfig, *, precision: str | None = None) -> Prot
 def plan_steps(base: Sequence[int], order: Sequence[int] | None, *, classes: Sequence[str],
                group_size: int) -> list[list[int]]:
     """[base, first group, second group, ...] as dataset class indices, after checking them."""
+    if any(not 0 <= c < len(classes) for c in base) or len(set(base)) != len(base):
+        raise ConfigError(f"base classes {list(base)} must be distinct class indices in 0..{len(classes) - 1}")
     order = [c for c in range(len(classes)) if c not in base] if order is None else list(order)
     for c in order:
         if not 0 <= c < len(classes):
@@ -187,7 +190,14 @@ def train_base(config: RunConfig, base_classes: Sequence[int]) -> Path:
 
 def run_continual(config: RunConfig, base_classes: Sequence[int],
                   options: ProtocolOptions = ProtocolOptions()) -> dict[str, Any]:
-    """Base training then the protocol on the new run: `cifarlab continual --recipe ... --base-classes`."""
+    """Base training then the protocol on the new run: `cifarlab continual --recipe ... --base-classes`. The
+    class plan, the feature layers and the output folder are checked before the backbone trains."""
+    dataset = load_dataset(options.data or config.data.path, name=config.data.dataset, download=config.data.download,
+                           progress=options.progress, image_size=config.data.image_size, labels=config.data.labels)
+    plan_steps(base_classes, options.order, classes=dataset.classes, group_size=options.group_size)
+    check_layers(create_model(config.model.name, num_classes=len(base_classes), **config.model.args), options.layer)
+    if options.out:
+        check_writable_folder(options.out, what="continual output folder")
     return run_protocol(train_base(config, base_classes), options)
 
 

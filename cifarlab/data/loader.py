@@ -154,6 +154,15 @@ def prepare_data(
     dataset = load_dataset(config.path, name=config.dataset, download=config.download, progress=progress,
                            image_size=config.image_size, labels=config.labels)
     train, test, classes = select_classes(dataset, config.classes)
+    of = f"{dataset.source}{' (data.classes ' + str(config.classes) + ')' if config.classes is not None else ''}"
+    for field_name, wanted, available, split in (("train_subset", config.train_subset, len(train.labels), "training"),
+                                                 ("test_subset", config.test_subset, len(test.labels), "test")):
+        if wanted is not None and wanted > available:
+            raise ConfigError(f"data.{field_name} is {wanted}, more than the {available} {split} images of {of}")
+    to_split = len(train.labels) if config.train_subset is None else config.train_subset
+    if config.val_size and config.val_size >= to_split:
+        raise ConfigError(f"data.val_size {config.val_size} must leave training images: {to_split} training images "
+                          f"of {of} to split")
     if config.train_subset is not None:
         train = train.subset(stratified_indices(train.labels, config.train_subset, seed=seed))
     if config.test_subset is not None:
@@ -192,8 +201,8 @@ def select_classes(dataset: Dataset, keep: list[int] | None) -> tuple[Split, Spl
         return dataset.train, dataset.test, dataset.classes
     num_classes = len(dataset.classes)
     bad = [c for c in keep if not 0 <= c < num_classes]
-    if bad or len(set(keep)) != len(keep):
-        raise ConfigError(f"data.classes {keep} must be distinct class indices in 0..{num_classes - 1}")
+    if not keep or bad or len(set(keep)) != len(keep):
+        raise ConfigError(f"data.classes {keep} must be one or more distinct class indices in 0..{num_classes - 1}")
     relabel = relabelling(keep, num_classes)
 
     def select(split: Split) -> Split:

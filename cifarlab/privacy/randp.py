@@ -32,7 +32,7 @@ from cifarlab.data.sources import Split
 from cifarlab.data.synthetic import random_process_images
 from cifarlab.errors import CifarlabError
 from cifarlab.hardware import machine_name, resolve_device
-from cifarlab.io import write_json, write_yaml
+from cifarlab.io import check_writable_folder, write_json, write_yaml
 from cifarlab.models import create_model
 from cifarlab.models.per_example import require_per_example_layers
 from cifarlab.models.prior import prior_layers, save_prior
@@ -119,6 +119,7 @@ def build_prior(config: RunConfig) -> dict[str, Any]:
     out = Path(config.train.out)
     if (out / "prior.pt").exists() or (out / "last.pt").exists():
         raise CifarlabError(f"{out} already holds a prior; choose another --out")
+    check_writable_folder(out, what="prior folder")
     pretrain = config.pretrain
     torch.manual_seed(config.train.seed)
     model = create_model(config.model.name, **config.model.args)

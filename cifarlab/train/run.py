@@ -22,7 +22,7 @@ from cifarlab.data.loader import BatchLoader, TrainData, prepare_data
 from cifarlab.data.sources import Split
 from cifarlab.errors import CifarlabError, ConfigError
 from cifarlab.hardware import autocast_for, resolve_device
-from cifarlab.io import write_json, write_yaml
+from cifarlab.io import check_writable_folder, write_json, write_yaml
 from cifarlab.metrics import confusion_matrix, per_class_accuracy
 from cifarlab.models import create_model
 from cifarlab.models.prior import frozen_prior, load_prior
@@ -183,6 +183,7 @@ def run_training(config: RunConfig, *, resume: str | Path | None = None) -> RunR
         run_dir = Path(config.train.out) if config.train.out else default_run_dir(config)
         if (run_dir / "last.pt").exists():
             raise CifarlabError(f"{run_dir} already holds a run; pass --resume {run_dir} or choose another --out")
+        check_writable_folder(run_dir, what="run folder")
     device = distributed.setup(resolve_device(config.train.device))  # under torchrun: join the group
     main = distributed.context().is_main  # only rank 0 writes
     run = build_run(config, data=build_data(config, device=device), run_dir=run_dir if main else None)

@@ -33,7 +33,7 @@ from cifarlab.data.loader import TrainData
 from cifarlab.data.sources import Split, load_dataset, stratified_indices
 from cifarlab.errors import CheckpointError, ConfigError
 from cifarlab.hardware import resolve_device
-from cifarlab.io import read_yaml, write_json, write_yaml
+from cifarlab.io import check_writable_folder, read_yaml, write_json, write_yaml
 from cifarlab.models import create_model
 from cifarlab.models.scatter import unfitted_data_norm
 from cifarlab.train.checkpoint import read_checkpoint
@@ -53,6 +53,7 @@ def train_uncertainty(config: RunConfig, *, run_dir: str | Path | None = None) -
     run_dir = Path(run_dir or config.train.out or f"runs/{stamp}-{config.model.name}-{options.method}")
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"{run_dir} already holds a finished run; choose another --out")
+    check_writable_folder(run_dir, what="run folder")
     _check_model(config)
     device = resolve_device(config.train.device)
     data = build_data(config, device=device)
