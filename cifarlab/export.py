@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from cifarlab.data.preprocess import Preprocessor, to_float
 from cifarlab.errors import ConfigError
-from cifarlab.io import atomic_write
+from cifarlab.io import atomic_write, check_writable_folder
 from cifarlab.train.checkpoint import load_model
 
 FORMATS = ("onnx", "torchscript")
@@ -53,6 +53,7 @@ def export_checkpoint(checkpoint: str | Path, *, format: str, out: str | Path) -
     """Write the checkpoint's model as `format` to `out` atomically; nothing is written when export fails."""
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+    check_writable_folder(Path(out).expanduser().absolute().parent, what="export folder")
     loaded = load_model(checkpoint, device="cpu")
     _refuse_unexportable(loaded.model, name=loaded.config.model.name)
     serving = ServingModel(loaded.model, loaded.preprocess).eval().requires_grad_(False)  # outputs need no graph

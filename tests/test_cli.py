@@ -405,3 +405,15 @@ def test_run_folder_and_flag_mistakes_stop_before_any_work(tmp_path: Path, capsy
     assert f"cannot write the run folder {a_file / 'run'}: {a_file} is a file, not a folder" in capsys.readouterr().err
     assert main(["train", "--data", missing, "--optimizer", "sgd", "--muon-lr", "0.1"]) == 2
     assert "--muon-lr applies to optimizer muon only; this run's optimizer is 'sgd'" in capsys.readouterr().err
+
+
+def test_eval_and_export_name_a_bad_subset_or_output_folder(tiny_run: tuple[Path, Path], tmp_path: Path, capsys):
+    checkpoint, data = tiny_run
+    for size in ("0", "13"):  # the folder has 3 classes x 4 test images
+        assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--test-subset", size]) == 2
+        assert "the test subset must be 1 to 12 images (the test images of image-folder:" in capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript",
+                 "--out", str(a_file / "model.pt")]) == 2
+    assert f"cannot write the export folder {a_file}: {a_file} is a file, not a folder" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from cifarlab.data.loader import BatchLoader, select_classes
 from cifarlab.data.sources import Split, decode_image, load_dataset, stratified_indices
-from cifarlab.errors import DataError
+from cifarlab.errors import ConfigError, DataError
 from cifarlab.io import write_json
 from cifarlab.metrics import confusion_matrix, per_class_accuracy
 from cifarlab.train.checkpoint import load_model
@@ -39,6 +39,9 @@ def evaluate_checkpoint(
     if tuple(dataset_classes) != tuple(classes):
         raise DataError(f"{dataset.source} has classes {list(dataset_classes)}, the checkpoint expects {list(classes)}")
     if test_subset is not None:
+        if not 1 <= test_subset <= len(test.labels):
+            raise ConfigError(f"the test subset must be 1 to {len(test.labels)} images (the test images of "
+                              f"{dataset.source}), got {test_subset}")
         test = test.subset(stratified_indices(test.labels, test_subset, seed=0))
     test = Split(images=test.images.to(torch_device), labels=test.labels.to(torch_device))
     loader = BatchLoader(test, batch_size=config.train.eval_batch_size, preprocess=preprocess)
