@@ -29,3 +29,21 @@ def test_written_files_get_the_ordinary_mode_not_mkstemps_private_one(tmp_path: 
     finally:
         os.umask(old)
     assert stat.S_IMODE(written.stat().st_mode) == 0o644
+
+
+def test_check_writable_folder_accepts_new_nested_folders_and_names_a_file_in_the_way(tmp_path: Path):
+    from cifarlab.errors import CifarlabError
+    from cifarlab.io import check_writable_folder
+
+    check_writable_folder(tmp_path, what="run folder")  # exists
+    check_writable_folder(tmp_path / "a" / "b" / "c", what="run folder")  # would be made
+    assert not (tmp_path / "a").exists()  # checking makes nothing
+    blocker = tmp_path / "results"
+    blocker.write_text("")
+    with pytest.raises(CifarlabError, match=f"cannot write the run folder {blocker / 'x'}: {blocker} is a file"):
+        check_writable_folder(blocker / "x", what="run folder")
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=stat.S_IRUSR | stat.S_IXUSR)
+        with pytest.raises(CifarlabError, match=f"no permission to write in {locked}"):
+            check_writable_folder(locked / "run", what="run folder")
