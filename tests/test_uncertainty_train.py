@@ -101,5 +101,7 @@ def test_bad_methods_and_models_are_refused(small_cifar, tmp_path):
         train_uncertainty(_config(small_cifar, "sgld", burn_in=2), run_dir=tmp_path / "b")
     with pytest.raises(ConfigError, match="mc-dropout needs a model with dropout"):
         train_uncertainty(_config(small_cifar, "mc-dropout"), run_dir=tmp_path / "c")
-    with pytest.raises(CheckpointError, match="not an uncertainty run"):
+    with pytest.raises(CheckpointError, match="not an uncertainty run: config.yaml and uncertainty.json missing"):
         evaluate_run(tmp_path)
+    with pytest.raises(CheckpointError, match="uncertainty run folder .*nowhere does not exist"):
+        evaluate_run(tmp_path / "nowhere")

@@ -112,8 +112,12 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", corruption_images
     `corruption_images` overrides the run's setting (e.g. all test images on a GPU).
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "uncertainty.json").is_file():
-        raise CheckpointError(f"{run_dir} is not an uncertainty run: config.yaml or uncertainty.json is missing")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"uncertainty run folder {run_dir} does not exist")
+    missing = [name for name in ("config.yaml", "uncertainty.json") if not (run_dir / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{run_dir} is not an uncertainty run: {' and '.join(missing)} missing "
+                              f"(`cifarlab uncertainty train` writes both)")
     config = RunConfig.from_dict(read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
     options = config.uncertainty
     if corruption_images is not None:
