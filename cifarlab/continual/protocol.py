@@ -190,15 +190,20 @@ def train_base(config: RunConfig, base_classes: Sequence[int]) -> Path:
 
 def run_continual(config: RunConfig, base_classes: Sequence[int],
                   options: ProtocolOptions = ProtocolOptions()) -> dict[str, Any]:
-    """Base training then the protocol on the new run: `cifarlab continual --recipe ... --base-classes`. The
-    class plan, the feature layers and the output folder are checked before the backbone trains."""
+    """Base training then the protocol on the new run: `cifarlab continual --recipe ... --base-classes`."""
+    _check_before_training(config, base_classes, options)
+    return run_protocol(train_base(config, base_classes), options)
+
+
+def _check_before_training(config: RunConfig, base_classes: Sequence[int], options: ProtocolOptions) -> None:
+    """The class plan, the feature layers and the output folder, checked before minutes of base training (the
+    dataset loaded here is freed on return, before training loads its own copy)."""
     dataset = load_dataset(options.data or config.data.path, name=config.data.dataset, download=config.data.download,
                            progress=options.progress, image_size=config.data.image_size, labels=config.data.labels)
     plan_steps(base_classes, options.order, classes=dataset.classes, group_size=options.group_size)
     check_layers(create_model(config.model.name, num_classes=len(base_classes), **config.model.args), options.layer)
     if options.out:
         check_writable_folder(options.out, what="continual output folder")
-    return run_protocol(train_base(config, base_classes), options)
 
 
 def run_protocol(run: str | Path, options: ProtocolOptions = ProtocolOptions()) -> dict[str, Any]:
