@@ -158,6 +158,7 @@ def test_compiled_training_ticks_lookahead_eagerly_and_eval_only_use_skips_dynam
     ({"lookahead_alpha": 0.0}, "lookahead_alpha"),
     ({"dropout": 1.0}, "fast: dropout must be a probability"),
     ({"identity_init": "yes"}, "identity_init must be true or false"),
+    ({"activation": "relu"}, "activation must be one of gelu, silu, got 'relu'"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, words):
     with pytest.raises(ConfigError, match=words):
@@ -178,6 +179,22 @@ def test_identity_init_makes_each_conv_pass_its_input_channels_through_at_the_ce
     plain = fast(width1=8, width2=16, width3=16, lookahead_every=0, tta=0)
     conv = next(m for m in plain.blocks if isinstance(m, torch.nn.Conv2d))
     assert conv.weight[0, 0, 1, 1] != 1.0
+
+
+def test_activation_silu_replaces_every_gelu_and_keeps_the_layer_names():
+    torch.manual_seed(0)
+    gelu = fast(width1=8, width2=16, width3=16, lookahead_every=0, tta=0)
+    torch.manual_seed(0)
+    silu = fast(width1=8, width2=16, width3=16, lookahead_every=0, tta=0, activation="silu")
+    kinds = {type(m) for m in silu.modules()}
+    assert torch.nn.SiLU in kinds and torch.nn.GELU not in kinds
+    assert [name for name, _ in gelu.named_modules()] == [name for name, _ in silu.named_modules()]
+    x = torch.randn(4, 3, 32, 32)
+    silu.load_state_dict(gelu.state_dict())  # the same weights: only the nonlinearity differs
+    gelu.eval(), silu.eval()
+    assert not torch.allclose(gelu(x), silu(x))
+    gelu.whiten_activation, gelu.blocks = torch.nn.functional.silu, silu.blocks
+    torch.testing.assert_close(gelu(x), silu(x))  # ... everywhere: after the whitening and after each BatchNorm
 
 
 @pytest.mark.parametrize("name", ["fast-cpu", "fast-cpu90", "fast-gpu94", "fast-gpu95", "fast-gpu96"])
