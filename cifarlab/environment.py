@@ -21,7 +21,7 @@ from cifarlab.data import sources
 from cifarlab.data.download import default_cache_dir
 
 # Distribution names reported beside cifarlab; the optional ones show "not installed" where absent.
-PACKAGES = ("torch", "numpy", "opacus", "torchvision", "timm", "tensorboard")
+PACKAGES = ("numpy", "opacus", "torchvision", "timm", "tensorboard")  # besides torch, whose build it names
 DATA_ENV = "CIFARLAB_DATA"
 CACHE_ENV = "CIFARLAB_CACHE"
 
@@ -108,8 +108,7 @@ def gather_environment(*, threads: int | str | None = None, data: str | Path | N
     places += [("--data", Path(data).expanduser(), True)] if data is not None else []
     return Environment(
         # torch's own version string names its build (+cpu, +cu121), which the distribution's metadata may not
-        versions={"cifarlab": __version__, "torch": torch.__version__,
-                  **{name: _version(name) for name in PACKAGES if name != "torch"}},
+        versions={"cifarlab": __version__, "torch": torch.__version__, **{name: _version(name) for name in PACKAGES}},
         python=f"{platform.python_version()} ({sys.executable})",
         os=platform.platform(),
         cpu=hardware.cpu_info(),

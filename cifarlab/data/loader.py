@@ -154,7 +154,7 @@ def prepare_data(
     dataset = load_dataset(config.path, name=config.dataset, download=config.download, progress=progress,
                            image_size=config.image_size, labels=config.labels)
     train, test, classes = select_classes(dataset, config.classes)
-    of = f"{dataset.source}{' (data.classes ' + str(config.classes) + ')' if config.classes is not None else ''}"
+    of = dataset.source if config.classes is None else f"{dataset.source} (data.classes {config.classes})"
     for field_name, wanted, available, split in (("train_subset", config.train_subset, len(train.labels), "training"),
                                                  ("test_subset", config.test_subset, len(test.labels), "test")):
         if wanted is not None and wanted > available:
